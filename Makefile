@@ -1,0 +1,35 @@
+# podnet: `make run` starts the exporter on this host, `make test` runs every test.
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup setup-test run test test-unit test-kernel lint bench clean
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh --test
+
+run: setup
+	$(PY) -m exporter run $(ARGS)
+
+test: setup-test lint
+	$(PY) -m pytest tests $(ARGS)
+
+test-unit: setup-test
+	$(PY) -m pytest tests/unit $(ARGS)
+
+test-kernel: setup-test
+	$(PY) -m pytest tests/kernel $(ARGS)
+
+lint: setup-test
+	$(VENV)/bin/ruff check exporter tests bench
+	$(VENV)/bin/ruff format --check exporter tests bench
+	$(VENV)/bin/mypy
+
+bench: setup-test
+	$(PY) bench/tcp_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

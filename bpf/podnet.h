@@ -1,0 +1,174 @@
+/* Shared helpers for podnet's eBPF programs.
+ *
+ * Kernel-internal headers are deliberately not included: their struct layouts are the
+ * headers' kernel's, not the running kernel's. Every field is read at an offset that the
+ * loader resolved from the running kernel's BTF and passed in as a -D macro
+ * (see exporter/offsets.py; `podnet-exporter bpf-source` prints them).
+ */
+#ifndef PODNET_H
+#define PODNET_H
+
+#ifndef PODNET_OFF_SKC_FAMILY
+#error "PODNET_OFF_* macros are missing: load this program through exporter.programs"
+#endif
+
+#ifndef PODNET_MAP_ENTRIES
+#define PODNET_MAP_ENTRIES 65536
+#endif
+
+#define PODNET_AF_INET 2
+#define PODNET_AF_INET6 10
+#define PODNET_IPPROTO_TCP 6
+#define PODNET_MSG_PEEK 2
+
+/* TCP states (include/net/tcp_states.h): part of the user-visible ABI via /proc/net/tcp. */
+#define PODNET_TCP_ESTABLISHED 1
+#define PODNET_TCP_SYN_SENT 2
+#define PODNET_TCP_SYN_RECV 3
+#define PODNET_TCP_TIME_WAIT 6
+#define PODNET_TCP_CLOSE 7
+#define PODNET_TCP_NEW_SYN_RECV 12
+
+/* errno values (uapi asm-generic/errno.h) used to classify failed connects. */
+#define PODNET_ECONNRESET 104
+#define PODNET_ETIMEDOUT 110
+#define PODNET_ECONNREFUSED 111
+
+static __always_inline u64 podnet_read_u64(const void *base, u64 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+
+static __always_inline u32 podnet_read_u32(const void *base, u64 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+
+static __always_inline u16 podnet_read_u16(const void *base, u64 off)
+{
+    u16 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+
+static __always_inline const void *podnet_read_ptr(const void *base, u64 off)
+{
+    const void *v = NULL;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+
+/* The cgroup v2 id of the socket's owner: sk->sk_cgrp_data.cgroup->kn->id. Taken from the
+ * socket rather than the current task so that it is right in softirq context too; an
+ * accepted socket inherits its listener's cgroup. Only valid on full sockets. */
+static __always_inline u64 podnet_sk_cgroup_id(const void *sk)
+{
+    const void *cgrp = podnet_read_ptr(sk, PODNET_OFF_SK_CGROUP);
+    if (!cgrp)
+        return 0;
+    const void *kn = podnet_read_ptr(cgrp, PODNET_OFF_CGROUP_KN);
+    if (!kn)
+        return 0;
+    return podnet_read_u64(kn, PODNET_OFF_KERNFS_ID);
+}
+
+static __always_inline int podnet_sk_is_inet_tcp(const void *sk)
+{
+    u16 family = podnet_read_u16(sk, PODNET_OFF_SKC_FAMILY);
+    if (family != PODNET_AF_INET && family != PODNET_AF_INET6)
+        return 0;
+    return podnet_read_u16(sk, PODNET_OFF_SK_PROTOCOL) == PODNET_IPPROTO_TCP;
+}
+
+/* Time-wait and request sockets are smaller than struct sock: reading sk_cgrp_data from
+ * them would read past the object. */
+static __always_inline int podnet_sk_is_full(const void *sk)
+{
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + PODNET_OFF_SKC_STATE);
+    return state != PODNET_TCP_TIME_WAIT && state != PODNET_TCP_NEW_SYN_RECV;
+}
+
+/* Remote address as 16 bytes: IPv4 as v4-mapped IPv6 (::ffff:a.b.c.d), so one key type
+ * serves both families and userspace parses it with one rule. */
+static __always_inline void podnet_sk_peer(const void *sk, u8 *addr16)
+{
+    u16 family = podnet_read_u16(sk, PODNET_OFF_SKC_FAMILY);
+    if (family == PODNET_AF_INET) {
+        u32 v4 = podnet_read_u32(sk, PODNET_OFF_SKC_DADDR);
+        __builtin_memset(addr16, 0, 10);
+        addr16[10] = 0xff;
+        addr16[11] = 0xff;
+        __builtin_memcpy(addr16 + 12, &v4, 4);
+    } else {
+        bpf_probe_read_kernel(addr16, 16, (const char *)sk + PODNET_OFF_SKC_V6_DADDR);
+    }
+}
+
+/* ---- histograms ------------------------------------------------------------------
+ * Buckets are those of an OpenTelemetry exponential histogram at scale 2 (four per
+ * octave) over durations in units of 2^-30 s, so Prometheus boundaries are exact powers
+ * of 2^(1/4) seconds and OTLP gets the kernel's buckets without re-bucketing.
+ * Slot i covers (2^((i - 120) / 4), 2^((i - 119) / 4)] seconds; slot 0 also takes
+ * everything shorter, the last slot everything longer (about 1,000 s).
+ */
+#define PODNET_HIST_SLOTS 164
+#define PODNET_HIST_MAX_OCTAVE 40
+
+struct podnet_hist_key {
+    u64 cgroup_id;
+    u32 slot;
+    u32 pad;
+};
+
+struct podnet_hist_val {
+    u64 count;
+    u64 sum_ns;
+};
+
+static __always_inline u32 podnet_msb64(u64 v)
+{
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { r += 1; }
+    return r;
+}
+
+static __always_inline u32 podnet_hist_slot(u64 ns)
+{
+    /* 2^30 / 1e9 = 1.073741824; 1125900 / 2^20 matches it to 1e-7. */
+    u64 v = (ns * 1125900ULL) >> 20;
+    if (v <= 1)
+        return 0;
+    u64 x = v - 1;          /* upper-inclusive buckets, as in OTLP and Prometheus */
+    u32 m = podnet_msb64(x);
+    if (m >= PODNET_HIST_MAX_OCTAVE)
+        return PODNET_HIST_SLOTS - 1;
+    /* v relative to 2^m in 1/65536ths; thresholds are 2^(j/4) * 65536, rounded up. */
+    u64 q = (v << 16) >> m;
+    u32 j = 0;
+    if (q > 77935)
+        j = 1;
+    if (q > 92681)
+        j = 2;
+    if (q > 110217)
+        j = 3;
+    return m * 4 + j;
+}
+
+/* ---- map-update failures -----------------------------------------------------------
+ * A full map must never be silent: each program counts failed inserts per map in its
+ * own per-CPU array `map_update_failures`, indexed by its PODNET_MAPID_* constants.
+ * BCC rewrites map calls only in the main source file, so each program defines the
+ * array and its podnet_count_failure() itself. */
+#define PODNET_MAX_MAP_IDS 8
+
+#endif /* PODNET_H */

@@ -1,0 +1,84 @@
+"""ctypes mirrors of the eBPF maps' key and value structs (bpf/*.bpf.c, bpf/podnet.h).
+
+This is the only place the layouts are written down on the Python side; tests compare
+each against the layout BCC derives from the C source.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from typing import Any
+
+HIST_SLOTS = 164
+"""PODNET_HIST_SLOTS: kernel histogram slots (exponential scale 2 over 2^-30 s units)."""
+HIST_SCALE = 2
+HIST_INDEX_OFFSET = 120
+"""Slot i is the OpenTelemetry exponential bucket index i - 120 at scale 2, in seconds."""
+MAX_MAP_IDS = 8
+
+
+class TcpBytes(ct.Structure):
+    _fields_ = [("sent", ct.c_uint64), ("received", ct.c_uint64)]
+
+
+class TcpFlowKey(ct.Structure):
+    _fields_ = [("cgroup_id", ct.c_uint64), ("peer", ct.c_uint8 * 16)]
+
+
+class TcpConnCounters(ct.Structure):
+    _fields_ = [
+        ("opened", ct.c_uint64 * 2),
+        ("closed", ct.c_uint64 * 2),
+        ("active", ct.c_int64 * 2),
+        ("failed", ct.c_uint64 * 4),
+    ]
+
+
+class TcpEventCounters(ct.Structure):
+    _fields_ = [("retransmits", ct.c_uint64), ("resets_sent", ct.c_uint64), ("resets_received", ct.c_uint64)]
+
+
+class HistKey(ct.Structure):
+    _fields_ = [("cgroup_id", ct.c_uint64), ("slot", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class HistVal(ct.Structure):
+    _fields_ = [("count", ct.c_uint64), ("sum_ns", ct.c_uint64)]
+
+
+class ConnectStart(ct.Structure):
+    _fields_ = [("start_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64)]
+
+
+class OpenSock(ct.Structure):
+    _fields_ = [("cgroup_id", ct.c_uint64), ("direction", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+# Index order of the arrays in TcpConnCounters (DIR_*, FAIL_* in tcp_state.bpf.c).
+DIRECTIONS = ("outbound", "inbound")
+FAIL_REASONS = ("refused", "timeout", "reset", "other")
+
+CgroupKey = ct.c_uint64
+SockKey = ct.c_uint64
+FailureCount = ct.c_uint64
+
+# map name -> (key type, value type); the map-update-failure index of each program's maps
+# is its position in that program's MAP_IDS tuple (PODNET_MAPID_* in the C source).
+MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
+    "tcp_bytes_by_cgroup": (CgroupKey, TcpBytes),
+    "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
+    "tcp_conn_by_cgroup": (CgroupKey, TcpConnCounters),
+    "tcp_connects_pending": (SockKey, ConnectStart),
+    "tcp_socks_open": (SockKey, OpenSock),
+    "tcp_connect_duration_hist": (HistKey, HistVal),
+    "tcp_events_by_cgroup": (CgroupKey, TcpEventCounters),
+    "tcp_rtt_hist": (HistKey, HistVal),
+    "map_update_failures": (ct.c_uint32, FailureCount),
+}
+
+MAP_IDS: dict[str, tuple[str, ...]] = {
+    "tcp_bytes": ("tcp_bytes_by_cgroup", "tcp_flow_bytes"),
+    "tcp_state": ("tcp_conn_by_cgroup", "tcp_connects_pending", "tcp_socks_open", "tcp_connect_duration_hist"),
+    "tcp_events": ("tcp_events_by_cgroup",),
+    "tcp_rtt": ("tcp_rtt_hist",),
+}

@@ -1,0 +1,266 @@
+"""Compile bpf/*.bpf.c with BCC and attach each program to its raw tracepoint.
+
+Each hook is checked against the running kernel before anything is compiled: the
+tracepoint must exist with the arguments the C code reads, and the struct fields the
+program reads must resolve in BTF. A hook that fails any check (or fails to attach) is
+reported with its reason; the others still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.bpf_structs import MAP_TYPES
+from exporter.btf import Btf
+from exporter.offsets import Offsets
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(os.environ.get("PODNET_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
+
+
+class ProgramLoadError(Exception):
+    """Fatal at start-up: nothing could be attached. One line with the fix."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    tracepoint: str
+    function: str
+    args: tuple[str, ...]
+    """Leading raw-tracepoint arguments the C code reads (const ignored); later kernels
+    may append more."""
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    name: str
+    hooks: tuple[Hook, ...]
+    fields: tuple[str, ...]
+    """EXTRA_FIELDS macros this program reads beyond bpf/podnet.h's."""
+    metrics: tuple[str, ...]
+
+    @property
+    def source(self) -> Path:
+        return BPF_DIR / f"{self.name}.bpf.c"
+
+
+_SOCK = "struct sock *"
+_SKB = "struct sk_buff *"
+
+PROGRAMS: tuple[ProgramSpec, ...] = (
+    ProgramSpec(
+        "tcp_bytes",
+        (
+            Hook("sock_send_length", "on_sock_send_length", (_SOCK, "int", "int")),
+            Hook("sock_recv_length", "on_sock_recv_length", (_SOCK, "int", "int")),
+        ),
+        (),
+        ("podnet_tcp_sent_bytes_total", "podnet_tcp_received_bytes_total", "podnet_flow_bytes_total"),
+    ),
+    ProgramSpec(
+        "tcp_state",
+        (Hook("inet_sock_set_state", "on_inet_sock_set_state", (_SOCK, "int", "int")),),
+        ("PODNET_OFF_SK_ERR",),
+        (
+            "podnet_tcp_connections_opened_total",
+            "podnet_tcp_connections_closed_total",
+            "podnet_tcp_connections_failed_total",
+            "podnet_tcp_active_connections",
+            "podnet_tcp_connect_duration_seconds",
+        ),
+    ),
+    ProgramSpec(
+        "tcp_events",
+        (
+            Hook("tcp_retransmit_skb", "on_tcp_retransmit_skb", (_SOCK, _SKB)),
+            Hook("tcp_send_reset", "on_tcp_send_reset", (_SOCK,)),
+            Hook("tcp_receive_reset", "on_tcp_receive_reset", (_SOCK,)),
+        ),
+        ("PODNET_OFF_SKB_CB", "PODNET_OFF_TCP_SKB_CB_GSO_SEGS"),
+        ("podnet_tcp_retransmits_total", "podnet_tcp_resets_total"),
+    ),
+    ProgramSpec(
+        "tcp_rtt",
+        (Hook("tcp_probe", "on_tcp_probe", (_SOCK, _SKB)),),
+        ("PODNET_OFF_TCP_SRTT_US",),
+        ("podnet_tcp_rtt_seconds",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    cgroups: int = 65536
+
+    def cflags(self) -> list[str]:
+        # Owners are few (containers + host services); sockets, flows and histogram
+        # slots are several per owner. Maps are not preallocated: memory follows use.
+        return [
+            f"-DPODNET_MAP_ENTRIES={self.cgroups}",
+            f"-DPODNET_FLOW_ENTRIES={self.cgroups * 4}",
+            f"-DPODNET_SOCK_ENTRIES={self.cgroups * 4}",
+            f"-DPODNET_HIST_ENTRIES={self.cgroups * 8}",
+        ]
+
+
+@dataclass
+class HookStatus:
+    program: str
+    hook: Hook
+    attached: bool = False
+    reason: str = ""
+
+
+@dataclass
+class LoadedPrograms:
+    """The BCC objects and what got attached. Only the poller thread reads their maps."""
+
+    objects: dict[str, Any] = field(default_factory=dict)
+    hooks: list[HookStatus] = field(default_factory=list)
+
+    def table(self, program: str, name: str) -> Any | None:
+        obj = self.objects.get(program)
+        if obj is None:
+            return None
+        # Our ctypes mirrors, not BCC's generated ones: one definition of each layout.
+        types = MAP_TYPES.get(name)
+        if types is None:
+            return obj.get_table(name)
+        return obj.get_table(name, keytype=types[0], leaftype=types[1])
+
+    def attached(self, program: str) -> bool:
+        return any(h.attached for h in self.hooks if h.program == program)
+
+    def close(self) -> None:
+        """Detach everything; the kernel frees programs and maps with their last fd."""
+        for obj in self.objects.values():
+            with contextlib.suppress(Exception):
+                obj.cleanup()
+        self.objects.clear()
+        for h in self.hooks:
+            h.attached = False
+
+
+def _normalise(ctype: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"\bconst\b", "", ctype)).strip()
+
+
+def check_hook(btf: Btf, hook: Hook) -> tuple[str | None, int]:
+    """(why the hook cannot work here or None, number of tracepoint arguments)."""
+    args = btf.raw_tracepoint_args(hook.tracepoint)
+    if args is None:
+        return f"kernel has no tracepoint {hook.tracepoint}", 0
+    have = tuple(_normalise(a) for a in args)
+    if have[: len(hook.args)] != hook.args:
+        return (
+            f"tracepoint {hook.tracepoint} takes ({', '.join(have)}), podnet expects ({', '.join(hook.args)}, ...)",
+            len(args),
+        )
+    return None, len(args)
+
+
+def program_cflags(
+    spec: ProgramSpec, offsets: Offsets, sizes: MapSizes, nargs: dict[str, int]
+) -> list[str]:
+    flags = [f"-I{BPF_DIR}", *offsets.cflags(), *sizes.cflags()]
+    flags += [f"-DPODNET_TP_{tp.upper()}_NARGS={n}" for tp, n in sorted(nargs.items())]
+    return flags
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """libbcc prints compiler diagnostics straight to fd 2; keep them for one summary
+    line instead of a wall of clang output."""
+    out: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def _first_error(lines: Sequence[str], exc: BaseException) -> str:
+    for line in lines:
+        if "error:" in line:
+            return line.strip()
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _headers_hint() -> str:
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not build.exists():
+        return f"; kernel headers are missing at {build}: run 'make setup' (or podnet-exporter doctor)"
+    return ""
+
+
+def load_programs(
+    btf: Btf,
+    offsets: Offsets,
+    sizes: MapSizes,
+    specs: Sequence[ProgramSpec] = PROGRAMS,
+    debug: int = 0,
+) -> LoadedPrograms:
+    from bcc import BPF  # imported late: `doctor` must work where BCC is missing
+
+    loaded = LoadedPrograms()
+    for spec in specs:
+        statuses = [HookStatus(spec.name, h) for h in spec.hooks]
+        loaded.hooks.extend(statuses)
+        missing = [offsets.missing[m] for m in spec.fields if m in offsets.missing]
+        if missing:
+            for st in statuses:
+                st.reason = missing[0]
+            continue
+        nargs: dict[str, int] = {}
+        for st in statuses:
+            why, n = check_hook(btf, st.hook)
+            nargs[st.hook.tracepoint] = n
+            if why:
+                st.reason = why
+        usable = [st for st in statuses if not st.reason]
+        if not usable:
+            continue
+        cflags = program_cflags(spec, offsets, sizes, nargs)
+        try:
+            with _captured_stderr() as diag:
+                obj = BPF(src_file=str(spec.source).encode(), cflags=cflags, debug=debug)
+        except Exception as e:  # BCC raises bare Exception on compile failure
+            reason = f"BCC could not compile {spec.source.name}: {_first_error(diag, e)}{_headers_hint()}"
+            for st in usable:
+                st.reason = reason
+            continue
+        loaded.objects[spec.name] = obj
+        for st in usable:
+            try:
+                obj.attach_raw_tracepoint(tp=st.hook.tracepoint.encode(), fn_name=st.hook.function.encode())
+                st.attached = True
+            except Exception as e:
+                st.reason = f"attach to raw tracepoint {st.hook.tracepoint} failed: {e}"
+    for st in loaded.hooks:
+        if not st.attached:
+            log.warning(
+                "program %s/%s unavailable: %s; metrics affected: %s",
+                st.program,
+                st.hook.tracepoint,
+                st.reason,
+                ", ".join(next(s.metrics for s in specs if s.name == st.program)),
+            )
+    if not any(st.attached for st in loaded.hooks):
+        reasons = sorted({st.reason for st in loaded.hooks})
+        loaded.close()
+        raise ProgramLoadError(f"no eBPF program could be attached: {reasons[0] if reasons else 'no programs'}")
+    return loaded

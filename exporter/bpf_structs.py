@@ -78,7 +78,12 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 
 MAP_IDS: dict[str, tuple[str, ...]] = {
     "tcp_bytes": ("tcp_bytes_by_cgroup", "tcp_flow_bytes"),
-    "tcp_state": ("tcp_conn_by_cgroup", "tcp_connects_pending", "tcp_socks_open", "tcp_connect_duration_hist"),
+    "tcp_state": (
+        "tcp_conn_by_cgroup",
+        "tcp_connects_pending",
+        "tcp_socks_open",
+        "tcp_connect_duration_hist",
+    ),
     "tcp_events": ("tcp_events_by_cgroup",),
     "tcp_rtt": ("tcp_rtt_hist",),
 }

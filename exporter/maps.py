@@ -65,7 +65,8 @@ class MapReader:
                 self._batch_ok[name] = True
                 return
             except Exception as e:
-                if ct.get_errno() not in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP, 0):
+                # 524 is the kernel-internal ENOTSUPP some map types return for batch ops.
+                if ct.get_errno() not in (errno.EINVAL, 524, errno.EOPNOTSUPP, 0):
                     raise
                 log.info("batch lookups unavailable for map %s (%s); reading entry by entry", name, e)
                 self._batch_ok[name] = False

@@ -42,78 +42,195 @@ class MetricSpec:
         return self.name + "_total" if self.kind is Kind.COUNTER else self.name
 
 
-def _pod(name: str, kind: Kind, help: str, extra: tuple[str, ...] = (), unit: str = "", otel: str = "",
-         otel_unit: str = "") -> MetricSpec:
+def _pod(
+    name: str,
+    kind: Kind,
+    help: str,
+    extra: tuple[str, ...] = (),
+    unit: str = "",
+    otel: str = "",
+    otel_unit: str = "",
+) -> MetricSpec:
     return MetricSpec(name, kind, help, POD_LABELS + extra, unit, otel, otel_unit)
 
 
-TCP_SENT = _pod("podnet_tcp_sent_bytes", Kind.COUNTER,
-                "Bytes the pod's applications handed to TCP sockets.", unit="bytes",
-                otel="podnet.tcp.sent", otel_unit="By")
-TCP_RECEIVED = _pod("podnet_tcp_received_bytes", Kind.COUNTER,
-                    "Bytes the pod's applications read from TCP sockets.", unit="bytes",
-                    otel="podnet.tcp.received", otel_unit="By")
-FLOW_BYTES = _pod("podnet_flow_bytes", Kind.COUNTER,
-                  "TCP payload bytes by peer workload (node or external peers have empty peer labels).",
-                  ("direction", *PEER_LABELS), unit="bytes", otel="podnet.flow", otel_unit="By")
-TCP_RTT = _pod("podnet_tcp_rtt_seconds", Kind.HISTOGRAM,
-               "Smoothed RTT of the pod's established TCP sockets, sampled per received segment.",
-               unit="seconds", otel="podnet.tcp.rtt", otel_unit="s")
-TCP_CONNECT = _pod("podnet_tcp_connect_duration_seconds", Kind.HISTOGRAM,
-                   "Time from an outbound connect() to the connection being established.",
-                   unit="seconds", otel="podnet.tcp.connect.duration", otel_unit="s")
-TCP_OPENED = _pod("podnet_tcp_connections_opened", Kind.COUNTER, "TCP connections established.",
-                  ("direction",), otel="podnet.tcp.connections.opened", otel_unit="{connection}")
-TCP_CLOSED = _pod("podnet_tcp_connections_closed", Kind.COUNTER,
-                  "TCP connections closed (only those podnet saw established).",
-                  ("direction",), otel="podnet.tcp.connections.closed", otel_unit="{connection}")
-TCP_FAILED = _pod("podnet_tcp_connections_failed", Kind.COUNTER,
-                  "Outbound TCP connects that never established, by reason.",
-                  ("reason",), otel="podnet.tcp.connections.failed", otel_unit="{connection}")
-TCP_ACTIVE = _pod("podnet_tcp_active_connections", Kind.GAUGE,
-                  "TCP connections open now (established since podnet started, not yet closed).",
-                  ("direction",), otel="podnet.tcp.connections.active", otel_unit="{connection}")
-TCP_RETRANSMITS = _pod("podnet_tcp_retransmits", Kind.COUNTER, "TCP segments retransmitted.",
-                       otel="podnet.tcp.retransmits", otel_unit="{segment}")
-TCP_RESETS = _pod("podnet_tcp_resets", Kind.COUNTER, "TCP resets sent and received.",
-                  ("direction",), otel="podnet.tcp.resets", otel_unit="{reset}")
+TCP_SENT = _pod(
+    "podnet_tcp_sent_bytes",
+    Kind.COUNTER,
+    "Bytes the pod's applications handed to TCP sockets.",
+    unit="bytes",
+    otel="podnet.tcp.sent",
+    otel_unit="By",
+)
+TCP_RECEIVED = _pod(
+    "podnet_tcp_received_bytes",
+    Kind.COUNTER,
+    "Bytes the pod's applications read from TCP sockets.",
+    unit="bytes",
+    otel="podnet.tcp.received",
+    otel_unit="By",
+)
+FLOW_BYTES = _pod(
+    "podnet_flow_bytes",
+    Kind.COUNTER,
+    "TCP payload bytes by peer workload (node or external peers have empty peer labels).",
+    ("direction", *PEER_LABELS),
+    unit="bytes",
+    otel="podnet.flow",
+    otel_unit="By",
+)
+TCP_RTT = _pod(
+    "podnet_tcp_rtt_seconds",
+    Kind.HISTOGRAM,
+    "Smoothed RTT of the pod's established TCP sockets, sampled per received segment.",
+    unit="seconds",
+    otel="podnet.tcp.rtt",
+    otel_unit="s",
+)
+TCP_CONNECT = _pod(
+    "podnet_tcp_connect_duration_seconds",
+    Kind.HISTOGRAM,
+    "Time from an outbound connect() to the connection being established.",
+    unit="seconds",
+    otel="podnet.tcp.connect.duration",
+    otel_unit="s",
+)
+TCP_OPENED = _pod(
+    "podnet_tcp_connections_opened",
+    Kind.COUNTER,
+    "TCP connections established.",
+    ("direction",),
+    otel="podnet.tcp.connections.opened",
+    otel_unit="{connection}",
+)
+TCP_CLOSED = _pod(
+    "podnet_tcp_connections_closed",
+    Kind.COUNTER,
+    "TCP connections closed (only those podnet saw established).",
+    ("direction",),
+    otel="podnet.tcp.connections.closed",
+    otel_unit="{connection}",
+)
+TCP_FAILED = _pod(
+    "podnet_tcp_connections_failed",
+    Kind.COUNTER,
+    "Outbound TCP connects that never established, by reason.",
+    ("reason",),
+    otel="podnet.tcp.connections.failed",
+    otel_unit="{connection}",
+)
+TCP_ACTIVE = _pod(
+    "podnet_tcp_active_connections",
+    Kind.GAUGE,
+    "TCP connections open now (established since podnet started, not yet closed).",
+    ("direction",),
+    otel="podnet.tcp.active_connections",
+    otel_unit="{connection}",
+)
+TCP_RETRANSMITS = _pod(
+    "podnet_tcp_retransmits",
+    Kind.COUNTER,
+    "TCP segments retransmitted.",
+    otel="podnet.tcp.retransmits",
+    otel_unit="{segment}",
+)
+TCP_RESETS = _pod(
+    "podnet_tcp_resets",
+    Kind.COUNTER,
+    "TCP resets sent and received.",
+    ("direction",),
+    otel="podnet.tcp.resets",
+    otel_unit="{reset}",
+)
 
 POD_FAMILIES: tuple[MetricSpec, ...] = (
-    TCP_SENT, TCP_RECEIVED, FLOW_BYTES, TCP_RTT, TCP_CONNECT, TCP_OPENED, TCP_CLOSED, TCP_FAILED,
-    TCP_ACTIVE, TCP_RETRANSMITS, TCP_RESETS,
+    TCP_SENT,
+    TCP_RECEIVED,
+    FLOW_BYTES,
+    TCP_RTT,
+    TCP_CONNECT,
+    TCP_OPENED,
+    TCP_CLOSED,
+    TCP_FAILED,
+    TCP_ACTIVE,
+    TCP_RETRANSMITS,
+    TCP_RESETS,
 )
 
 # Self-metrics: the exporter's own health.
-BUILD_INFO = MetricSpec("podnet_exporter_build_info", Kind.GAUGE,
-                        "podnet build and runtime versions; always 1.", ("version", "python", "bcc", "kernel"))
-POLL_DURATION = MetricSpec("podnet_exporter_poll_duration_seconds", Kind.GAUGE,
-                           "Duration of the last poll (map reads, pod resolution, snapshot).", (),
-                           unit="seconds")
+BUILD_INFO = MetricSpec(
+    "podnet_exporter_build_info",
+    Kind.GAUGE,
+    "podnet build and runtime versions; always 1.",
+    ("version", "python", "bcc", "kernel"),
+)
+POLL_DURATION = MetricSpec(
+    "podnet_exporter_poll_duration_seconds",
+    Kind.GAUGE,
+    "Duration of the last poll (map reads, pod resolution, snapshot).",
+    (),
+    unit="seconds",
+)
 POLLS = MetricSpec("podnet_exporter_polls", Kind.COUNTER, "Polls completed.", ())
-ERRORS = MetricSpec("podnet_exporter_errors", Kind.COUNTER,
-                    "Runtime errors survived, by where they happened.", ("stage",))
-LAST_POLL = MetricSpec("podnet_exporter_last_poll_timestamp_seconds", Kind.GAUGE,
-                       "Unix time the last poll completed.", (), unit="seconds")
-PROGRAM_ATTACHED = MetricSpec("podnet_exporter_program_attached", Kind.GAUGE,
-                              "1 when the eBPF program on this hook is attached, 0 when unavailable.",
-                              ("program",))
-MAP_UPDATE_FAILURES = MetricSpec("podnet_exporter_map_update_failures", Kind.COUNTER,
-                                 "Kernel map inserts that failed (map full): those events are not counted.",
-                                 ("map",))
-MAP_ENTRIES = MetricSpec("podnet_exporter_map_entries", Kind.GAUGE, "Entries in each kernel map at the last poll.",
-                         ("map",))
-UNRESOLVED = MetricSpec("podnet_exporter_unresolved_cgroups", Kind.GAUGE,
-                        "Cgroup ids seen in the maps whose cgroup path could not be found.", ())
-PROG_RUN_TIME = MetricSpec("podnet_exporter_bpf_run_seconds", Kind.COUNTER,
-                           "Time spent in each eBPF program (needs sysctl kernel.bpf_stats_enabled=1).",
-                           ("program",), unit="seconds")
-PROG_RUN_COUNT = MetricSpec("podnet_exporter_bpf_runs", Kind.COUNTER,
-                            "Runs of each eBPF program (needs sysctl kernel.bpf_stats_enabled=1).", ("program",))
+ERRORS = MetricSpec(
+    "podnet_exporter_errors", Kind.COUNTER, "Runtime errors survived, by where they happened.", ("stage",)
+)
+LAST_POLL = MetricSpec(
+    "podnet_exporter_last_poll_timestamp_seconds",
+    Kind.GAUGE,
+    "Unix time the last poll completed.",
+    (),
+    unit="seconds",
+)
+PROGRAM_ATTACHED = MetricSpec(
+    "podnet_exporter_program_attached",
+    Kind.GAUGE,
+    "1 when the eBPF program on this hook is attached, 0 when unavailable.",
+    ("program",),
+)
+MAP_UPDATE_FAILURES = MetricSpec(
+    "podnet_exporter_map_update_failures",
+    Kind.COUNTER,
+    "Kernel map inserts that failed (map full): those events are not counted.",
+    ("map",),
+)
+MAP_ENTRIES = MetricSpec(
+    "podnet_exporter_map_entries", Kind.GAUGE, "Entries in each kernel map at the last poll.", ("map",)
+)
+UNRESOLVED = MetricSpec(
+    "podnet_exporter_unresolved_cgroups",
+    Kind.GAUGE,
+    "Cgroup ids seen in the maps whose cgroup path could not be found.",
+    (),
+)
+PROG_RUN_TIME = MetricSpec(
+    "podnet_exporter_bpf_run_seconds",
+    Kind.COUNTER,
+    "Time spent in each eBPF program (needs sysctl kernel.bpf_stats_enabled=1).",
+    ("program",),
+    unit="seconds",
+)
+PROG_RUN_COUNT = MetricSpec(
+    "podnet_exporter_bpf_runs",
+    Kind.COUNTER,
+    "Runs of each eBPF program (needs sysctl kernel.bpf_stats_enabled=1).",
+    ("program",),
+)
 PODS_KNOWN = MetricSpec("podnet_exporter_pods", Kind.GAUGE, "Pods in the metadata store.", ())
 
 SELF_FAMILIES: tuple[MetricSpec, ...] = (
-    BUILD_INFO, POLL_DURATION, POLLS, ERRORS, LAST_POLL, PROGRAM_ATTACHED, MAP_UPDATE_FAILURES, MAP_ENTRIES,
-    UNRESOLVED, PROG_RUN_TIME, PROG_RUN_COUNT, PODS_KNOWN,
+    BUILD_INFO,
+    POLL_DURATION,
+    POLLS,
+    ERRORS,
+    LAST_POLL,
+    PROGRAM_ATTACHED,
+    MAP_UPDATE_FAILURES,
+    MAP_ENTRIES,
+    UNRESOLVED,
+    PROG_RUN_TIME,
+    PROG_RUN_COUNT,
+    PODS_KNOWN,
 )
 ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + SELF_FAMILIES
 
@@ -140,17 +257,29 @@ class Snapshot:
     taken_at: float
     samples: Mapping[str, tuple[Sample, ...]]
     histograms: Mapping[str, tuple[HistSample, ...]]
+    pod_uids: Mapping[tuple[str, str], str] = field(default_factory=lambda: MappingProxyType({}))
+    """(namespace, pod) -> pod UID, for exporters that carry the UID (OTLP)."""
 
     @staticmethod
-    def build(taken_at: float, samples: Mapping[str, tuple[Sample, ...]],
-              histograms: Mapping[str, tuple[HistSample, ...]]) -> Snapshot:
-        return Snapshot(taken_at, MappingProxyType(dict(samples)), MappingProxyType(dict(histograms)))
+    def build(
+        taken_at: float,
+        samples: Mapping[str, tuple[Sample, ...]],
+        histograms: Mapping[str, tuple[HistSample, ...]],
+        pod_uids: Mapping[tuple[str, str], str] | None = None,
+    ) -> Snapshot:
+        return Snapshot(
+            taken_at,
+            MappingProxyType(dict(samples)),
+            MappingProxyType(dict(histograms)),
+            MappingProxyType(dict(pod_uids or {})),
+        )
 
 
 EMPTY_SNAPSHOT = Snapshot.build(0.0, {}, {})
 
 
 # ---- histogram conversion (pure) ------------------------------------------------------
+
 
 def slot_upper_bound(slot: int) -> float:
     """Upper bound in seconds of a kernel histogram slot."""

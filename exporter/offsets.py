@@ -60,7 +60,9 @@ def resolve_field(btf: Btf, spec: FieldSpec) -> int:
     for struct, path in spec.parts:
         info = btf.field(struct, path)
         if info.bitfield_size:
-            raise BtfError(f"kernel field {struct}.{path} is a bitfield here; podnet cannot read it on this kernel")
+            raise BtfError(
+                f"kernel field {struct}.{path} is a bitfield here; podnet cannot read it on this kernel"
+            )
         total += info.offset
     last_struct, last_path = spec.parts[-1]
     size = btf.field(last_struct, last_path).size

@@ -137,6 +137,16 @@ class LoadedPrograms:
             return obj.get_table(name)
         return obj.get_table(name, keytype=types[0], leaftype=types[1])
 
+    def program_fds(self) -> dict[str, int]:
+        """hook tracepoint -> fd of the attached program, for run-time statistics."""
+        out: dict[str, int] = {}
+        for h in self.hooks:
+            obj = self.objects.get(h.program)
+            fn = obj.funcs.get(h.hook.function.encode()) if h.attached and obj is not None else None
+            if fn is not None:
+                out[h.hook.tracepoint] = fn.fd
+        return out
+
     def attached(self, program: str) -> bool:
         return any(h.attached for h in self.hooks if h.program == program)
 
@@ -161,16 +171,14 @@ def check_hook(btf: Btf, hook: Hook) -> tuple[str | None, int]:
         return f"kernel has no tracepoint {hook.tracepoint}", 0
     have = tuple(_normalise(a) for a in args)
     if have[: len(hook.args)] != hook.args:
-        return (
-            f"tracepoint {hook.tracepoint} takes ({', '.join(have)}), podnet expects ({', '.join(hook.args)}, ...)",
-            len(args),
+        want = ", ".join(hook.args)
+        return f"tracepoint {hook.tracepoint} takes ({', '.join(have)}), podnet expects ({want}, ...)", len(
+            args
         )
     return None, len(args)
 
 
-def program_cflags(
-    spec: ProgramSpec, offsets: Offsets, sizes: MapSizes, nargs: dict[str, int]
-) -> list[str]:
+def program_cflags(spec: ProgramSpec, offsets: Offsets, sizes: MapSizes, nargs: dict[str, int]) -> list[str]:
     flags = [f"-I{BPF_DIR}", *offsets.cflags(), *sizes.cflags()]
     flags += [f"-DPODNET_TP_{tp.upper()}_NARGS={n}" for tp, n in sorted(nargs.items())]
     return flags
@@ -262,5 +270,7 @@ def load_programs(
     if not any(st.attached for st in loaded.hooks):
         reasons = sorted({st.reason for st in loaded.hooks})
         loaded.close()
-        raise ProgramLoadError(f"no eBPF program could be attached: {reasons[0] if reasons else 'no programs'}")
+        raise ProgramLoadError(
+            f"no eBPF program could be attached: {reasons[0] if reasons else 'no programs'}"
+        )
     return loaded

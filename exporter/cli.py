@@ -1,0 +1,85 @@
+"""Command line entry point: `podnet-exporter run | doctor | bpf-source`.
+
+Every anticipated failure ends as one line on stderr and a non-zero exit, never a
+traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from exporter.btf import Btf, BtfError
+from exporter.cgroups import CgroupError
+from exporter.config import ConfigError, parse_args, resolve
+from exporter.offsets import resolve_offsets
+from exporter.pods import PodsFileError
+from exporter.programs import BPF_DIR, PROGRAMS, MapSizes, ProgramLoadError, check_hook, program_cflags
+from exporter.service import ServeError, serve
+
+_PROG = "podnet-exporter"
+FATAL = (ConfigError, BtfError, CgroupError, PodsFileError, ProgramLoadError, ServeError)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def bpf_source(preprocessed: bool, out: Sequence[str] | None = None) -> int:
+    """Print what the loader would compile: the offsets and flags per program, then the C."""
+    btf = Btf.load()
+    offsets = resolve_offsets(btf)
+    print("// resolved kernel struct offsets (from /sys/kernel/btf/vmlinux)")
+    for macro, value in sorted(offsets.values.items()):
+        print(f"#define {macro} {value}")
+    for macro, why in sorted(offsets.missing.items()):
+        print(f"// {macro} unresolved: {why}")
+    for spec in PROGRAMS:
+        nargs = {h.tracepoint: check_hook(btf, h)[1] for h in spec.hooks}
+        flags = program_cflags(spec, offsets, MapSizes(), nargs)
+        print(f"\n// ===== {spec.source} =====\n// cflags: {' '.join(flags)}")
+        if preprocessed:
+            from bcc import BPF, DEBUG_PREPROCESSOR
+
+            sys.stdout.flush()
+            os.dup2(1, 2)  # BCC prints the preprocessed source on stderr
+            BPF(src_file=str(spec.source).encode(), cflags=flags, debug=DEBUG_PREPROCESSOR).cleanup()
+        else:
+            print(spec.source.read_text())
+    if not preprocessed:
+        header = BPF_DIR / "podnet.h"
+        print(f"\n// ===== {header} =====\n{header.read_text()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        command, ns = parse_args(args)
+        if command == "doctor":
+            from exporter import doctor
+
+            return doctor.main(ns.cgroup_root)
+        if command == "bpf-source":
+            return bpf_source(ns.preprocessed)
+        config = resolve(ns, os.environ)
+        _setup_logging(config.log_level)
+        asyncio.run(serve(config))
+        return 0
+    except FATAL as e:
+        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except BaseExceptionGroup as eg:  # raised from inside the task group
+        fatal, rest = eg.split(FATAL)
+        if fatal is None or rest is not None:
+            raise
+        print(f"{_PROG}: error: {fatal.exceptions[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

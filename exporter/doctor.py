@@ -1,0 +1,211 @@
+"""`podnet-exporter doctor`: checks every prerequisite of `run` and says how to fix each."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.btf import Btf, BtfError
+from exporter.cgroups import CgroupError, find_cgroup2_mount
+from exporter.offsets import resolve_offsets
+from exporter.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Check:
+    caps = _caps()
+    if os.geteuid() == 0 and caps & (1 << CAP_SYS_ADMIN):
+        return Check("privileges", True, "running as root with CAP_SYS_ADMIN")
+    has = (caps >> CAP_BPF) & 1 and (caps >> CAP_PERFMON) & 1
+    if has:
+        return Check("privileges", True, "CAP_BPF and CAP_PERFMON present")
+    return Check(
+        "privileges",
+        False,
+        "neither root nor CAP_BPF+CAP_PERFMON",
+        "run as root, or grant CAP_BPF, CAP_PERFMON (and CAP_SYS_RESOURCE on old kernels)",
+    )
+
+
+def check_bpf_syscall() -> Check:
+    # BPF_MAP_CREATE of a one-entry array: the cheapest proof the syscall works for us.
+    class Attr(ct.Structure):
+        _fields_ = [
+            ("map_type", ct.c_uint32),
+            ("key_size", ct.c_uint32),
+            ("value_size", ct.c_uint32),
+            ("max_entries", ct.c_uint32),
+            ("map_flags", ct.c_uint32),
+            ("pad", ct.c_uint8 * 108),
+        ]
+
+    libc = ct.CDLL(None, use_errno=True)
+    nr = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+    attr = Attr(2, 4, 4, 1, 0)
+    fd = libc.syscall(nr, 0, ct.byref(attr), ct.sizeof(attr))
+    if fd < 0:
+        err = ct.get_errno()
+        return Check(
+            "bpf syscall",
+            False,
+            f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}",
+            "run as root; check sysctl kernel.unprivileged_bpf_disabled and any seccomp profile",
+        )
+    os.close(fd)
+    return Check("bpf syscall", True, "bpf() works")
+
+
+def check_btf() -> tuple[Check, Btf | None]:
+    try:
+        btf = Btf.load()
+        resolve_offsets(btf)
+    except BtfError as e:
+        return Check("kernel BTF", False, str(e), "use a kernel built with CONFIG_DEBUG_INFO_BTF=y"), None
+    return Check(
+        "kernel BTF", True, "/sys/kernel/btf/vmlinux readable; all required struct fields found"
+    ), btf
+
+
+def check_tracepoints(btf: Btf | None) -> list[Check]:
+    if btf is None:
+        return [Check("tracepoints", False, "cannot check without BTF", "fix kernel BTF first")]
+    out = []
+    for spec in PROGRAMS:
+        for hook in spec.hooks:
+            why, _ = check_hook(btf, hook)
+            out.append(
+                Check(
+                    f"tracepoint {hook.tracepoint}",
+                    why is None,
+                    why or "present",
+                    f"without it: no {', '.join(spec.metrics)}",
+                    required=False,
+                )
+            )
+    if not any(c.ok for c in out):
+        out.append(Check("tracepoints", False, "no tracepoint podnet uses exists", "use Linux 5.10 or newer"))
+    return out
+
+
+def check_cgroup(root: str | None) -> Check:
+    try:
+        path = root or find_cgroup2_mount()
+    except CgroupError as e:
+        return Check("cgroup v2", False, str(e))
+    if not Path(path, "cgroup.controllers").exists():
+        return Check(
+            "cgroup v2",
+            False,
+            f"{path} is not a cgroup v2 mount",
+            "pass the cgroup2 mount point with --cgroup-root",
+        )
+    return Check("cgroup v2", True, f"mounted at {path}")
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc
+        from bcc.version import __version__ as v
+    except Exception as e:
+        return Check(
+            "BCC",
+            False,
+            f"cannot import bcc: {e}",
+            "apt-get install python3-bpfcc (never PyPI's 'bcc'); then make setup",
+        )
+    return Check("BCC", True, f"bcc {v} from {Path(bcc.__file__).parent}")
+
+
+def check_headers() -> Check:
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if build.exists():
+        return Check("kernel headers", True, f"{build} -> {build.resolve()}")
+    return Check(
+        "kernel headers",
+        False,
+        f"{build} missing (BCC compiles against it)",
+        "run 'make setup', or install linux-headers for this kernel and link them there",
+    )
+
+
+def check_mount(name: str, path: str, fstype: str) -> Check:
+    mounts = Path("/proc/self/mounts").read_text().split("\n")
+    ok = any(line.split(" ")[1:3] == [path, fstype] for line in mounts if line.count(" ") >= 2)
+    return Check(
+        name,
+        ok,
+        f"{path} {'mounted' if ok else 'not mounted'}",
+        f"mount -t {fstype} {fstype if fstype != 'bpf' else 'bpf'} {path} "
+        "(optional: raw tracepoints need neither)",
+        required=False,
+    )
+
+
+def check_load(btf: Btf) -> Check:
+    try:
+        progs = load_programs(btf, resolve_offsets(btf), MapSizes(1024))
+    except ProgramLoadError as e:
+        return Check("compile and attach", False, str(e), "see the checks above")
+    attached = sum(h.attached for h in progs.hooks)
+    progs.close()
+    return Check(
+        "compile and attach", True, f"{attached} of {len(progs.hooks)} programs attached and detached"
+    )
+
+
+def run_checks(cgroup_root: str | None) -> list[Check]:
+    checks = [check_privileges(), check_bpf_syscall()]
+    btf_check, btf = check_btf()
+    checks.append(btf_check)
+    checks += check_tracepoints(btf)
+    checks += [
+        check_cgroup(cgroup_root),
+        check_bcc(),
+        check_headers(),
+        check_mount("tracefs", "/sys/kernel/tracing", "tracefs"),
+        check_mount("bpffs", "/sys/fs/bpf", "bpf"),
+    ]
+    if btf is not None and all(c.ok for c in checks if c.required):
+        checks.append(check_load(btf))
+    return checks
+
+
+def main(cgroup_root: str | None, out: Callable[[str], None] = print) -> int:
+    checks = run_checks(cgroup_root)
+    for c in checks:
+        mark = "ok" if c.ok else ("FAIL" if c.required else "warn")
+        line = f"[{mark:>4}] {c.name}: {c.detail}"
+        if not c.ok and c.fix:
+            line += f" -> fix: {c.fix}"
+        out(line)
+    failed = [c for c in checks if c.required and not c.ok]
+    out(
+        "podnet-exporter can run on this host"
+        if not failed
+        else f"podnet-exporter cannot run here: {len(failed)} check(s) failed"
+    )
+    sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,65 @@
+"""HTTP endpoints: /metrics, /healthz, /readyz. Handlers only read the published snapshot."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from exporter import __version__
+from exporter.poller import SnapshotStore
+from exporter.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
+
+SNAPSHOTS = web.AppKey("snapshots", SnapshotStore)
+
+_INDEX = f"""<html><head><title>podnet exporter</title></head><body>
+<h1>podnet exporter {__version__}</h1>
+<p><a href="/metrics">/metrics</a> &middot; <a href="/healthz">/healthz</a> &middot;
+<a href="/readyz">/readyz</a></p></body></html>"""
+
+
+def _accepts_openmetrics(accept: str) -> bool:
+    return "application/openmetrics-text" in accept
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for part in accept_encoding.split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() == "gzip" and params.replace(" ", "") != "q=0":
+            return True
+    return False
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rendered = request.app[SNAPSHOTS].current
+    om = _accepts_openmetrics(request.headers.get("Accept", ""))
+    gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    if om:
+        body = rendered.openmetrics_gzip if gz else rendered.openmetrics
+        ctype = OPENMETRICS_CONTENT_TYPE
+    else:
+        body = rendered.text_gzip if gz else rendered.text
+        ctype = TEXT_CONTENT_TYPE
+    headers = {"Content-Type": ctype, "Vary": "Accept, Accept-Encoding"}
+    if gz:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[SNAPSHOTS].ready.is_set():
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="not ready: first poll has not completed\n")
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=_INDEX, content_type="text/html")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/", index)

@@ -1,0 +1,101 @@
+"""Who owns a cgroup: the pod and container (or host service) behind a cgroup id."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from exporter.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
+from exporter.metadata import PodStore
+
+
+@dataclass(frozen=True)
+class Identity:
+    namespace: str
+    pod: str
+    container: str
+    workload: str
+    workload_kind: str
+    pod_uid: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, str, str, str, str]:
+        return (self.namespace, self.pod, self.container, self.workload, self.workload_kind)
+
+    @property
+    def is_pod(self) -> bool:
+        return self.pod_uid is not None
+
+
+def identity_of(ref: CgroupRef, store: PodStore) -> Identity:
+    """Pure given the store's current content: metadata arriving later relabels the
+    cgroup on the next call."""
+    if ref.pod_uid is None:
+        # A plain host process: name it by its cgroup leaf (nginx.service, session-3.scope).
+        return Identity("", "", ref.leaf or "/", "", "")
+    meta = store.by_uid(ref.pod_uid)
+    if meta is None:
+        # Metadata not (yet) known: keep the pod distinguishable without inventing names.
+        return Identity(
+            "", ref.pod_uid, ref.container_id[:12] if ref.container_id else "", "", "", ref.pod_uid
+        )
+    container = ""
+    if ref.container_id:
+        # No status entry: the pod sandbox (pause) or a container the metadata has not
+        # caught up with; both are pod-level until named.
+        container = meta.container_name(ref.container_id) or ""
+    return Identity(meta.namespace, meta.name, container, meta.workload, meta.workload_kind, meta.uid)
+
+
+class IdentityResolver:
+    """cgroup id -> Identity. Parsed cgroup paths are cached (a cgroup id is never reused
+    for another cgroup); the cache is bounded, least recently used out first."""
+
+    def __init__(self, index: CgroupIndex, store: PodStore, max_entries: int = 65536) -> None:
+        self._index = index
+        self._store = store
+        self._refs: OrderedDict[int, CgroupRef] = OrderedDict()
+        self._max = max_entries
+        self._gone: OrderedDict[int, None] = OrderedDict()
+        self.evicted = 0
+        self.unresolved = 0
+
+    def resolve(self, cgroup_ids: Iterable[int]) -> dict[int, Identity]:
+        """Blocking (may rescan the cgroup tree): run in the poller's thread."""
+        ids = list(cgroup_ids)
+        missing = [i for i in ids if i not in self._refs and self._index.lookup(i) is None]
+        # Rescan for ids not seen before only: a cgroup that vanished before we ever
+        # saw its path must not cost a tree walk on every poll.
+        if any(i not in self._gone for i in missing):
+            self._index.rescan()
+            for i in missing:
+                if self._index.lookup(i) is None:
+                    self._gone[i] = None
+            while len(self._gone) > self._max:
+                self._gone.popitem(last=False)
+        out: dict[int, Identity] = {}
+        unresolved = 0
+        for cgid in ids:
+            ref = self._ref(cgid)
+            if ref is None:
+                unresolved += 1
+                continue
+            out[cgid] = identity_of(ref, self._store)
+        self.unresolved = unresolved
+        return out
+
+    def _ref(self, cgid: int) -> CgroupRef | None:
+        ref = self._refs.get(cgid)
+        if ref is not None:
+            self._refs.move_to_end(cgid)
+            return ref
+        path = self._index.lookup(cgid)
+        if path is None:
+            return None
+        ref = parse_cgroup_path(path)
+        self._refs[cgid] = ref
+        if len(self._refs) > self._max:
+            self._refs.popitem(last=False)
+            self.evicted += 1
+        return ref

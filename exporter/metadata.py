@@ -1,0 +1,135 @@
+"""Pod metadata store and its sources (a pods file; a Kubernetes watch feeds the same store).
+
+The store is replaced or patched by sources and read by the poller; readers get whole
+immutable PodMeta values, so no reader ever sees half an update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from exporter.pods import PodMeta, PodsFileError, load_pod_list
+
+log = logging.getLogger(__name__)
+
+
+class PodStore:
+    """Pods by UID and by IP. Bounded: beyond max_pods new pods are dropped and counted."""
+
+    def __init__(self, max_pods: int = 20000) -> None:
+        self._lock = threading.Lock()
+        self._by_uid: dict[str, PodMeta] = {}
+        self._by_ip: dict[str, PodMeta] = {}
+        self._max = max_pods
+        self.dropped = 0
+        self.updated_at = 0.0
+        self.version = 0
+
+    def replace_all(self, pods: Mapping[str, PodMeta]) -> None:
+        items = list(pods.items())
+        kept = dict(items[: self._max])
+        dropped = len(items) - len(kept)
+        with self._lock:
+            self._by_uid = kept
+            self._by_ip = _ip_index(kept.values())
+            self.dropped += dropped
+            self.updated_at = time.time()
+            self.version += 1
+
+    def upsert(self, pod: PodMeta) -> None:
+        with self._lock:
+            if pod.uid not in self._by_uid and len(self._by_uid) >= self._max:
+                self.dropped += 1
+                return
+            self._by_uid = {**self._by_uid, pod.uid: pod}
+            self._by_ip = _ip_index(self._by_uid.values())
+            self.updated_at = time.time()
+            self.version += 1
+
+    def delete(self, uid: str) -> None:
+        with self._lock:
+            if uid in self._by_uid:
+                self._by_uid = {k: v for k, v in self._by_uid.items() if k != uid}
+                self._by_ip = _ip_index(self._by_uid.values())
+                self.version += 1
+            self.updated_at = time.time()
+
+    def by_uid(self, uid: str) -> PodMeta | None:
+        return self._by_uid.get(uid)
+
+    def by_ip(self, ip: str) -> PodMeta | None:
+        return self._by_ip.get(ip)
+
+    def __len__(self) -> int:
+        return len(self._by_uid)
+
+
+def _ip_index(pods: object) -> dict[str, PodMeta]:
+    index: dict[str, PodMeta] = {}
+    for pod in pods:  # type: ignore[attr-defined]
+        # hostNetwork pods share the node's address: it names the node, not them.
+        if not pod.host_network:
+            for ip in pod.pod_ips:
+                index[ip] = pod
+    return index
+
+
+@dataclass(frozen=True)
+class _FileStamp:
+    inode: int
+    mtime_ns: int
+    size: int
+
+
+class PodsFileSource:
+    """Loads --pods-file into the store and reloads it when it changes, including
+    replacement by atomic rename. A bad update keeps the last good metadata."""
+
+    def __init__(self, path: str, store: PodStore) -> None:
+        self.path = path
+        self._store = store
+        self._stamp: _FileStamp | None = None
+        self.errors = 0
+        self._last_error = ""
+
+    def load_initial(self) -> None:
+        """Start-up: any problem with the file is fatal (raises PodsFileError)."""
+        pods, problems = load_pod_list(self.path)
+        for p in problems:
+            log.warning("pods file %s: skipped %s", self.path, p)
+        self._store.replace_all(pods)
+        self._stamp = self._stat()
+
+    def _stat(self) -> _FileStamp | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return _FileStamp(st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self) -> bool:
+        """Reload when changed; blocking (file I/O). Returns whether the store changed."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        try:
+            pods, problems = load_pod_list(self.path)
+        except PodsFileError as e:
+            self.errors += 1
+            if str(e) != self._last_error:
+                log.error("%s; keeping the last good pod metadata", e)
+                self._last_error = str(e)
+            self._stamp = stamp
+            return False
+        for p in problems:
+            log.warning("pods file %s: skipped %s", self.path, p)
+        self._last_error = ""
+        self._stamp = stamp
+        self._store.replace_all(pods)
+        log.info("pods file %s reloaded: %d pods", self.path, len(pods))
+        return True

@@ -1,0 +1,76 @@
+"""Who is at the other end of a flow: a pod's workload, this node, or somewhere external.
+
+Only workload-level labels are produced: per-IP labels would make cardinality grow with
+every client on the internet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+from exporter.identity import Identity
+from exporter.metadata import PodStore
+
+log = logging.getLogger(__name__)
+
+PEER_POD = "pod"
+PEER_NODE = "node"
+PEER_EXTERNAL = "external"
+
+
+def peer_address(addr16: bytes) -> str:
+    """Kernel flow keys hold IPv4 as v4-mapped IPv6; print the address as users know it."""
+    ip = ipaddress.IPv6Address(addr16)
+    mapped = ip.ipv4_mapped
+    return str(mapped) if mapped is not None else str(ip)
+
+
+def read_local_addresses(proc: str = "/proc") -> frozenset[str]:
+    """This network namespace's own addresses: IPv4 LOCAL routes from fib_trie, IPv6
+    from if_inet6. Blocking file reads: call from the poller's thread."""
+    addrs: set[str] = set()
+    try:
+        lines = Path(proc, "net/fib_trie").read_text().splitlines()
+    except OSError:
+        lines = []
+    last_ip = ""
+    for line in lines:
+        s = line.strip()
+        if s.startswith("|--"):
+            last_ip = s[3:].strip()
+        elif s == "/32 host LOCAL" and last_ip:
+            addrs.add(last_ip)
+    try:
+        for line in Path(proc, "net/if_inet6").read_text().splitlines():
+            hexaddr = line.split()[0]
+            addrs.add(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
+    except (OSError, IndexError, ValueError):
+        pass
+    return frozenset(addrs)
+
+
+class PeerResolver:
+    def __init__(self, store: PodStore) -> None:
+        self._store = store
+        self.node_addresses: frozenset[str] = frozenset()
+
+    def refresh_node_addresses(self) -> None:
+        self.node_addresses = read_local_addresses()
+
+    def classify(self, addr16: bytes, owner: Identity) -> tuple[str, str, str]:
+        """(peer_namespace, peer_workload, peer_kind)."""
+        ip = peer_address(addr16)
+        if ipaddress.ip_address(ip).is_loopback:
+            # Loopback never leaves the owner's network namespace: in a pod that is the
+            # pod itself, on the host it is the node.
+            if owner.is_pod:
+                return owner.namespace, owner.workload, PEER_POD
+            return "", "", PEER_NODE
+        pod = self._store.by_ip(ip)
+        if pod is not None:
+            return pod.namespace, pod.workload, PEER_POD
+        if ip in self.node_addresses:
+            return "", "", PEER_NODE
+        return "", "", PEER_EXTERNAL

@@ -1,0 +1,132 @@
+"""The poller: the one task that reads kernel maps and publishes snapshots.
+
+Every blocking step (bpf syscalls, cgroup tree walks, file reads, rendering) runs in a
+worker thread; the event loop only awaits it and swaps the published snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from exporter import __version__
+from exporter.bpfstats import prog_run_stats, stats_enabled
+from exporter.identity import IdentityResolver
+from exporter.maps import MapReader
+from exporter.metadata import PodsFileSource, PodStore
+from exporter.model import EMPTY_SNAPSHOT
+from exporter.peers import PeerResolver
+from exporter.programs import LoadedPrograms
+from exporter.prometheus import Exposition, Rendered
+from exporter.snapshot import ExporterState, build_snapshot
+
+log = logging.getLogger(__name__)
+
+
+def bcc_version() -> str:
+    try:
+        from bcc.version import __version__ as v
+
+        return str(v)
+    except Exception:
+        return "unknown"
+
+
+class SnapshotStore:
+    """Latest rendered snapshot. Replaced whole by the poller; readers never block."""
+
+    def __init__(self, exposition: Exposition) -> None:
+        self.current: Rendered = exposition.render(EMPTY_SNAPSHOT)
+        self.ready = asyncio.Event()
+        self.polls = 0
+
+
+@dataclass
+class PollerParts:
+    programs: LoadedPrograms
+    reader: MapReader
+    resolver: IdentityResolver
+    peers: PeerResolver
+    store: PodStore
+    pods_file: PodsFileSource | None
+    exposition: Exposition
+
+
+class Poller:
+    def __init__(self, parts: PollerParts, snapshots: SnapshotStore, interval: float) -> None:
+        self.parts = parts
+        self.snapshots = snapshots
+        self.interval = interval
+        self.errors: Counter[str] = Counter()
+        self._logged: set[str] = set()
+        self._polls = 0
+        self._build = (__version__, platform.python_version(), bcc_version(), platform.release())
+
+    def _error(self, stage: str, exc: BaseException) -> None:
+        """Runtime errors are counted, logged once per stage and kind, and survived."""
+        self.errors[stage] += 1
+        key = f"{stage}:{type(exc).__name__}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error(
+                "%s failed: %s (counted in podnet_exporter_errors_total{stage=%r}; "
+                "further errors of this kind are not logged)",
+                stage,
+                exc,
+                stage,
+            )
+
+    def poll_once(self) -> Rendered:
+        """One full poll; blocking."""
+        p = self.parts
+        started = time.perf_counter()
+        if p.pods_file is not None:
+            try:
+                p.pods_file.refresh()
+            except Exception as e:
+                self._error("pods_file", e)
+        try:
+            p.peers.refresh_node_addresses()
+        except Exception as e:
+            self._error("node_addresses", e)
+        raw = p.reader.read()
+        ids = set(raw.cgroups) | {cg for cg, _ in raw.flows} | set(raw.rtt) | set(raw.connect)
+        identities = p.resolver.resolve(ids)
+        bpf_stats: dict[str, tuple[int, int]] = {}
+        if stats_enabled():
+            for tp, fd in p.programs.program_fds().items():
+                st = prog_run_stats(fd)
+                if st is not None:
+                    bpf_stats[tp] = st
+        self._polls += 1
+        state = ExporterState(
+            build=self._build,
+            poll_seconds=time.perf_counter() - started,
+            polls=self._polls,
+            errors=dict(self.errors),
+            programs={h.hook.tracepoint: h.attached for h in p.programs.hooks},
+            unresolved=p.resolver.unresolved,
+            pods=len(p.store),
+            bpf_stats=bpf_stats,
+        )
+        snap = build_snapshot(raw, identities, p.peers.classify, state, time.time())
+        return p.exposition.render(snap)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                rendered = await asyncio.to_thread(self.poll_once)
+            except Exception as e:
+                self._error("poll", e)
+            else:
+                self.snapshots.current = rendered
+                self.snapshots.polls += 1
+                self.snapshots.ready.set()
+            # Fixed-rate schedule: a slow poll shortens the wait instead of drifting.
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))

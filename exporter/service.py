@@ -1,0 +1,128 @@
+"""Wiring: start-up checks, the aiohttp application's lifecycle, and the task group that
+supervises the poller and the server until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from exporter.btf import Btf
+from exporter.cgroups import CgroupIndex, find_cgroup2_mount
+from exporter.config import Config
+from exporter.http_app import SNAPSHOTS, add_routes
+from exporter.identity import IdentityResolver
+from exporter.maps import MapReader
+from exporter.metadata import PodsFileSource, PodStore
+from exporter.model import BucketLayout
+from exporter.offsets import resolve_offsets
+from exporter.peers import PeerResolver
+from exporter.poller import Poller, PollerParts, SnapshotStore
+from exporter.programs import MapSizes, load_programs
+from exporter.prometheus import Exposition
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+POLLER = web.AppKey("poller", Poller)
+
+
+class ServeError(Exception):
+    """Fatal at start-up; one line with the fix."""
+
+
+def build_parts(config: Config) -> PollerParts:
+    """Blocking start-up: everything that must work before serving. Raises the modules'
+    one-line errors (BtfError, CgroupError, PodsFileError, ProgramLoadError)."""
+    store = PodStore()
+    pods_file = None
+    if config.pods_file:
+        pods_file = PodsFileSource(config.pods_file, store)
+        pods_file.load_initial()
+    root = config.cgroup_root or find_cgroup2_mount()
+    index = CgroupIndex(root, max_entries=config.map_entries)
+    index.rescan()
+    btf = Btf.load()
+    offsets = resolve_offsets(btf)
+    programs = load_programs(btf, offsets, MapSizes(config.map_entries))
+    attached = sum(h.attached for h in programs.hooks)
+    log.info(
+        "attached %d of %d eBPF programs; cgroup v2 at %s; %d pods known",
+        attached,
+        len(programs.hooks),
+        root,
+        len(store),
+    )
+    return PollerParts(
+        programs=programs,
+        reader=MapReader(programs),
+        resolver=IdentityResolver(index, store, max_entries=config.map_entries),
+        peers=PeerResolver(store),
+        store=store,
+        pods_file=pods_file,
+        exposition=Exposition(BucketLayout(scale=config.histogram_scale)),
+    )
+
+
+async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    parts = await asyncio.to_thread(build_parts, config)
+    snapshots = SnapshotStore(parts.exposition)
+    app[SNAPSHOTS] = snapshots
+    app[POLLER] = Poller(parts, snapshots, config.poll_interval)
+    try:
+        yield
+    finally:
+        # Detach before exit so no program outlives the exporter.
+        parts.programs.close()
+        log.info("eBPF programs detached")
+
+
+def make_app(config: Config) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_kernel_ctx)
+    add_routes(app)
+    return app
+
+
+@dataclass
+class _Stop:
+    event: asyncio.Event
+    signal: str = ""
+
+
+async def serve(config: Config) -> None:
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen_host, config.listen_port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise ServeError(
+                f"cannot listen on {config.listen_host}:{config.listen_port}: {e.strerror or e}; "
+                "choose another address with --listen HOST:PORT"
+            ) from None
+        log.info("serving /metrics on http://%s:%d", config.listen_host, config.listen_port)
+        loop = asyncio.get_running_loop()
+        stop = _Stop(asyncio.Event())
+
+        def on_signal(name: str) -> None:
+            stop.signal = name
+            stop.event.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        async with asyncio.TaskGroup() as tg:
+            poll_task = tg.create_task(app[POLLER].run(), name="poller")
+            await stop.event.wait()
+            log.info("%s received: shutting down", stop.signal)
+            poll_task.cancel()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,134 @@
+"""Turning one poll's raw kernel data into an immutable Snapshot (pure)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from exporter import model as m
+from exporter.bpf_structs import DIRECTIONS, FAIL_REASONS
+from exporter.identity import Identity
+from exporter.maps import RawData, Slots
+
+NS_PER_S = 1e9
+RESET_DIRECTIONS = ("sent", "received")
+FLOW_DIRECTIONS = ("sent", "received")
+
+
+@dataclass
+class ExporterState:
+    """Self-metric inputs gathered by the poller."""
+
+    build: tuple[str, str, str, str] = ("", "", "", "")
+    poll_seconds: float = 0.0
+    polls: int = 0
+    errors: Mapping[str, int] = field(default_factory=dict)
+    programs: Mapping[str, bool] = field(default_factory=dict)
+    unresolved: int = 0
+    pods: int = 0
+    bpf_stats: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """program -> (run time ns, run count)."""
+
+
+class _Acc:
+    """Sums per label set: several cgroups (containers, or unknown ids of one pod) may
+    share one label set."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = defaultdict(lambda: defaultdict(float))
+        self.hists: dict[str, dict[tuple[str, ...], dict[int, list[int]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(lambda: [0, 0]))
+        )
+
+    def add(self, spec: m.MetricSpec, labels: tuple[str, ...], value: float) -> None:
+        self.values[spec.name][labels] += value
+
+    def add_hist(self, spec: m.MetricSpec, labels: tuple[str, ...], slots: Slots) -> None:
+        h = self.hists[spec.name][labels]
+        for slot, (count, sum_ns) in slots.items():
+            cell = h[slot]
+            cell[0] += count
+            cell[1] += sum_ns
+
+
+def build_snapshot(
+    raw: RawData,
+    identities: Mapping[int, Identity],
+    classify_peer: Callable[[bytes, Identity], tuple[str, str, str]],
+    state: ExporterState,
+    now: float,
+) -> m.Snapshot:
+    acc = _Acc()
+    for cgid, c in raw.cgroups.items():
+        ident = identities.get(cgid)
+        if ident is None:
+            continue
+        pl = ident.labels
+        if c.sent or c.received:
+            acc.add(m.TCP_SENT, pl, c.sent)
+            acc.add(m.TCP_RECEIVED, pl, c.received)
+        for i, d in enumerate(DIRECTIONS):
+            if c.opened[i] or c.closed[i] or c.active[i]:
+                acc.add(m.TCP_OPENED, (*pl, d), c.opened[i])
+                acc.add(m.TCP_CLOSED, (*pl, d), c.closed[i])
+                acc.add(m.TCP_ACTIVE, (*pl, d), max(c.active[i], 0))
+        if any(c.failed):
+            for i, reason in enumerate(FAIL_REASONS):
+                acc.add(m.TCP_FAILED, (*pl, reason), c.failed[i])
+        if c.retransmits or c.resets_sent or c.resets_received:
+            acc.add(m.TCP_RETRANSMITS, pl, c.retransmits)
+            acc.add(m.TCP_RESETS, (*pl, "sent"), c.resets_sent)
+            acc.add(m.TCP_RESETS, (*pl, "received"), c.resets_received)
+    for (cgid, peer), (sent, received) in raw.flows.items():
+        ident = identities.get(cgid)
+        if ident is None:
+            continue
+        peer_labels = classify_peer(peer, ident)
+        acc.add(m.FLOW_BYTES, (*ident.labels, "sent", *peer_labels), sent)
+        acc.add(m.FLOW_BYTES, (*ident.labels, "received", *peer_labels), received)
+    for spec, per_cgroup in ((m.TCP_RTT, raw.rtt), (m.TCP_CONNECT, raw.connect)):
+        for cgid, slots in per_cgroup.items():
+            ident = identities.get(cgid)
+            if ident is not None:
+                acc.add_hist(spec, ident.labels, slots)
+
+    _self_metrics(acc, raw, state, now)
+
+    samples = {
+        name: tuple(m.Sample(labels, v) for labels, v in sorted(series.items()))
+        for name, series in acc.values.items()
+    }
+    hists = {
+        name: tuple(_hist_sample(labels, slots) for labels, slots in sorted(series.items()))
+        for name, series in acc.hists.items()
+    }
+    pod_uids = {(i.namespace, i.pod): i.pod_uid for i in identities.values() if i.pod_uid}
+    return m.Snapshot.build(now, samples, hists, pod_uids)
+
+
+def _hist_sample(labels: tuple[str, ...], slots: Mapping[int, list[int]]) -> m.HistSample:
+    ordered = tuple((s, c[0]) for s, c in sorted(slots.items()) if c[0])
+    return m.HistSample(
+        labels, ordered, sum(c[0] for c in slots.values()), sum(c[1] for c in slots.values()) / NS_PER_S
+    )
+
+
+def _self_metrics(acc: _Acc, raw: RawData, state: ExporterState, now: float) -> None:
+    acc.add(m.BUILD_INFO, state.build, 1)
+    acc.add(m.POLL_DURATION, (), state.poll_seconds)
+    acc.add(m.POLLS, (), state.polls)
+    acc.add(m.LAST_POLL, (), now)
+    for stage, n in state.errors.items():
+        acc.add(m.ERRORS, (stage,), n)
+    for program, attached in state.programs.items():
+        acc.add(m.PROGRAM_ATTACHED, (program,), 1 if attached else 0)
+    for name, n in raw.map_failures.items():
+        acc.add(m.MAP_UPDATE_FAILURES, (name,), n)
+    for name, n in raw.map_entries.items():
+        acc.add(m.MAP_ENTRIES, (name,), n)
+    acc.add(m.UNRESOLVED, (), state.unresolved)
+    acc.add(m.PODS_KNOWN, (), state.pods)
+    for program, (ns, runs) in state.bpf_stats.items():
+        acc.add(m.PROG_RUN_TIME, (program,), ns / NS_PER_S)
+        acc.add(m.PROG_RUN_COUNT, (program,), runs)

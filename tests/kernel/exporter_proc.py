@@ -1,0 +1,112 @@
+"""Runs the real exporter (`python -m exporter run`) as a child process and scrapes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Scrape:
+    samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
+    text: str
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples named `name` whose labels include `labels` (0 when none)."""
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and want <= set(ls))
+
+    def series(self, name: str, **labels: str) -> list[dict[str, str]]:
+        want = set(labels.items())
+        return [dict(ls) for (n, ls) in self.samples if n == name and want <= set(ls)]
+
+
+def parse(text: str) -> Scrape:
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return Scrape(samples, text)
+
+
+class ExporterProcess:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"podnet-exporter-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "exporter", "run", "--listen", f"127.0.0.1:{self.port}", *args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(self.url + path, headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exporter exited {self.proc.returncode}: {self.log()}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"exporter not ready after {timeout}s: {self.log()}")
+
+    def scrape(self) -> Scrape:
+        status, _, body = self.get("/metrics")
+        assert status == 200, body
+        return parse(body.decode())
+
+    def fresh_scrape(self, polls: int = 2, timeout: float = 30) -> Scrape:
+        """A scrape from a poll that started after this call: wait until the poll counter
+        advanced by `polls` (one may have been under way when called)."""
+        start = self.scrape().value("podnet_exporter_polls_total")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.scrape()
+            if s.value("podnet_exporter_polls_total") >= start + polls:
+                return s
+            time.sleep(0.05)
+        raise TimeoutError("exporter stopped polling")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

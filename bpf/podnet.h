@@ -114,10 +114,10 @@ static __always_inline void podnet_sk_peer(const void *sk, u8 *addr16)
  * octave) over durations in units of 2^-30 s, so Prometheus boundaries are exact powers
  * of 2^(1/4) seconds and OTLP gets the kernel's buckets without re-bucketing.
  * Slot i covers (2^((i - 120) / 4), 2^((i - 119) / 4)] seconds; slot 0 also takes
- * everything shorter, the last slot everything longer (about 1,000 s).
+ * everything shorter, the last slot (up to 2^11 s) everything longer.
  */
 #define PODNET_HIST_SLOTS 164
-#define PODNET_HIST_MAX_OCTAVE 40
+#define PODNET_HIST_MAX_OCTAVE 40  /* slots 4*40 .. 4*40+3 are the last octave */
 
 struct podnet_hist_key {
     u64 cgroup_id;
@@ -150,7 +150,7 @@ static __always_inline u32 podnet_hist_slot(u64 ns)
         return 0;
     u64 x = v - 1;          /* upper-inclusive buckets, as in OTLP and Prometheus */
     u32 m = podnet_msb64(x);
-    if (m >= PODNET_HIST_MAX_OCTAVE)
+    if (m > PODNET_HIST_MAX_OCTAVE)
         return PODNET_HIST_SLOTS - 1;
     /* v relative to 2^m in 1/65536ths; thresholds are 2^(j/4) * 65536, rounded up. */
     u64 q = (v << 16) >> m;

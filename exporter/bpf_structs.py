@@ -65,7 +65,7 @@ FailureCount = ct.c_uint64
 # map name -> (key type, value type); the map-update-failure index of each program's maps
 # is its position in that program's MAP_IDS tuple (PODNET_MAPID_* in the C source).
 MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
-    "tcp_bytes_by_cgroup": (CgroupKey, TcpBytes),
+    "tcp_sock_identity": (SockKey, TcpFlowKey),
     "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
     "tcp_conn_by_cgroup": (CgroupKey, TcpConnCounters),
     "tcp_connects_pending": (SockKey, ConnectStart),
@@ -77,7 +77,7 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 }
 
 MAP_IDS: dict[str, tuple[str, ...]] = {
-    "tcp_bytes": ("tcp_bytes_by_cgroup", "tcp_flow_bytes"),
+    "tcp_traffic": ("tcp_flow_bytes", "tcp_rtt_hist"),
     "tcp_state": (
         "tcp_conn_by_cgroup",
         "tcp_connects_pending",
@@ -85,5 +85,4 @@ MAP_IDS: dict[str, tuple[str, ...]] = {
         "tcp_connect_duration_hist",
     ),
     "tcp_events": ("tcp_events_by_cgroup",),
-    "tcp_rtt": ("tcp_rtt_hist",),
 }

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "doctor":
             from exporter import doctor
 
-            return doctor.main(ns.cgroup_root)
+            return doctor.main(resolve(ns, os.environ).cgroup_root)
         if command == "bpf-source":
             return bpf_source(ns.preprocessed)
         config = resolve(ns, os.environ)

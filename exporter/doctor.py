@@ -93,8 +93,12 @@ def check_tracepoints(btf: Btf | None) -> list[Check]:
     if btf is None:
         return [Check("tracepoints", False, "cannot check without BTF", "fix kernel BTF first")]
     out = []
+    seen: set[str] = set()
     for spec in PROGRAMS:
         for hook in spec.hooks:
+            if hook.tracepoint in seen:
+                continue
+            seen.add(hook.tracepoint)
             why, _ = check_hook(btf, hook)
             out.append(
                 Check(

@@ -16,16 +16,31 @@ _INDEX = f"""<html><head><title>podnet exporter</title></head><body>
 <a href="/readyz">/readyz</a></p></body></html>"""
 
 
+def _accepted(header: str, token: str) -> bool:
+    """Whether `token` is listed in an Accept-style header with a q-value above 0."""
+    for part in header.split(","):
+        name, *params = (p.strip() for p in part.split(";"))
+        if name.lower() != token:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            return True
+    return False
+
+
 def _accepts_openmetrics(accept: str) -> bool:
-    return "application/openmetrics-text" in accept
+    return _accepted(accept, "application/openmetrics-text")
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
-    for part in accept_encoding.split(","):
-        name, _, params = part.strip().partition(";")
-        if name.strip().lower() == "gzip" and params.replace(" ", "") != "q=0":
-            return True
-    return False
+    return _accepted(accept_encoding, "gzip")
 
 
 async def metrics(request: web.Request) -> web.Response:

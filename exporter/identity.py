@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exporter.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
 from exporter.metadata import PodStore
@@ -57,7 +58,9 @@ class IdentityResolver:
         self._store = store
         self._refs: OrderedDict[int, CgroupRef] = OrderedDict()
         self._max = max_entries
+        self.max_entries = max_entries
         self._gone: OrderedDict[int, None] = OrderedDict()
+        self._names: dict[int, str] = {}
         self.evicted = 0
         self.unresolved = 0
 
@@ -81,8 +84,37 @@ class IdentityResolver:
             if ref is None:
                 unresolved += 1
                 continue
-            out[cgid] = identity_of(ref, self._store)
+            ident = identity_of(ref, self._store)
+            # A cgroup's container never changes, but a restarted container's old id
+            # leaves the pod's status: keep the name learned while it was there.
+            if ident.is_pod and ref.container_id:
+                if ident.container:
+                    self._names[cgid] = ident.container
+                elif cgid in self._names:
+                    ident = replace(ident, container=self._names[cgid])
+            out[cgid] = ident
         self.unresolved = unresolved
+        return out
+
+    def dead(self, cgroup_ids: Iterable[int]) -> set[int]:
+        """Ids whose cgroup directory no longer exists. Blocking (one stat per id).
+        Unknown ids count as dead only when the index is complete (nothing dropped)."""
+        out: set[int] = set()
+        for cgid in cgroup_ids:
+            ref = self._refs.get(cgid)
+            path = ref.path if ref is not None else self._index.lookup(cgid)
+            if path is None:
+                if self._index.dropped == 0 and cgid in self._gone:
+                    out.add(cgid)
+                continue
+            try:
+                alive = os.stat(os.path.join(self._index.root, path.lstrip("/"))).st_ino == cgid
+            except OSError:
+                alive = False
+            if not alive:
+                out.add(cgid)
+                self._refs.pop(cgid, None)
+                self._names.pop(cgid, None)
         return out
 
     def _ref(self, cgid: int) -> CgroupRef | None:
@@ -96,6 +128,7 @@ class IdentityResolver:
         ref = parse_cgroup_path(path)
         self._refs[cgid] = ref
         if len(self._refs) > self._max:
-            self._refs.popitem(last=False)
+            old, _ = self._refs.popitem(last=False)
+            self._names.pop(old, None)
             self.evicted += 1
         return ref

@@ -75,20 +75,17 @@ class MapReader:
     def read(self) -> RawData:
         raw = RawData()
         p = self._programs
-        if p.attached("tcp_bytes"):
-            n = 0
-            for k, per_cpu in self._items("tcp_bytes", "tcp_bytes_by_cgroup"):
-                c = raw.cgroups[_int(k)]
-                c.sent += sum(v.sent for v in per_cpu)
-                c.received += sum(v.received for v in per_cpu)
-                n += 1
-            raw.map_entries["tcp_bytes_by_cgroup"] = n
-            for k, per_cpu in self._items("tcp_bytes", "tcp_flow_bytes"):
-                raw.flows[(k.cgroup_id, bytes(k.peer))] = (
-                    sum(v.sent for v in per_cpu),
-                    sum(v.received for v in per_cpu),
-                )
+        if p.attached("tcp_traffic"):
+            # A pod's byte totals are the sum of its flows (the kernel counts each event once).
+            for k, per_cpu in self._items("tcp_traffic", "tcp_flow_bytes"):
+                sent = sum(v.sent for v in per_cpu)
+                received = sum(v.received for v in per_cpu)
+                raw.flows[(k.cgroup_id, bytes(k.peer))] = (sent, received)
+                c = raw.cgroups[k.cgroup_id]
+                c.sent += sent
+                c.received += received
             raw.map_entries["tcp_flow_bytes"] = len(raw.flows)
+            raw.map_entries["tcp_rtt_hist"] = _read_hist(self._items("tcp_traffic", "tcp_rtt_hist"), raw.rtt)
         if p.attached("tcp_state"):
             n = 0
             for k, per_cpu in self._items("tcp_state", "tcp_conn_by_cgroup"):
@@ -116,8 +113,6 @@ class MapReader:
                 c.resets_received += sum(v.resets_received for v in per_cpu)
                 n += 1
             raw.map_entries["tcp_events_by_cgroup"] = n
-        if p.attached("tcp_rtt"):
-            raw.map_entries["tcp_rtt_hist"] = _read_hist(self._items("tcp_rtt", "tcp_rtt_hist"), raw.rtt)
         for program, map_names in bs.MAP_IDS.items():
             table = p.table(program, "map_update_failures")
             if table is None:
@@ -126,6 +121,42 @@ class MapReader:
                 if _int(idx) < len(map_names):
                     raw.map_failures[map_names[_int(idx)]] = sum(int(v) for v in per_cpu)
         return raw
+
+    def delete_cgroups(self, raw: RawData, dead: set[int]) -> int:
+        """Delete every map entry of the given cgroups (their values are already in
+        `raw`, read this poll). Returns entries deleted. An event landing between this
+        poll's read and the delete is lost: a window of one poll, for a dead cgroup."""
+        p = self._programs
+        keys: list[tuple[str, str, Any]] = []
+        for cg in dead:
+            keys += [
+                ("tcp_state", "tcp_conn_by_cgroup", bs.CgroupKey(cg)),
+                ("tcp_events", "tcp_events_by_cgroup", bs.CgroupKey(cg)),
+            ]
+            for slot in raw.rtt.get(cg, {}):
+                keys.append(("tcp_traffic", "tcp_rtt_hist", bs.HistKey(cg, slot, 0)))
+            for slot in raw.connect.get(cg, {}):
+                keys.append(("tcp_state", "tcp_connect_duration_hist", bs.HistKey(cg, slot, 0)))
+        for cg, peer in raw.flows:
+            if cg in dead:
+                key = bs.TcpFlowKey(cg, (ct.c_uint8 * 16).from_buffer_copy(peer))
+                keys.append(("tcp_traffic", "tcp_flow_bytes", key))
+        deleted = 0
+        tables: dict[tuple[str, str], Any] = {}
+        for program, name, key in keys:
+            if not p.attached(program):
+                continue
+            table = tables.get((program, name))
+            if table is None:
+                table = tables[(program, name)] = p.table(program, name)
+            if table is None:
+                continue
+            try:
+                del table[key]
+                deleted += 1
+            except KeyError:
+                pass
+        return deleted
 
 
 def _int(k: Any) -> int:

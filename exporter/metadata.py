@@ -31,9 +31,16 @@ class PodStore:
         self.version = 0
 
     def replace_all(self, pods: Mapping[str, PodMeta]) -> None:
-        items = list(pods.items())
-        kept = dict(items[: self._max])
-        dropped = len(items) - len(kept)
+        kept: dict[str, PodMeta] = {}
+        distinct: set[str] = set()
+        dropped = 0
+        # A static pod sits under two keys (API UID and the kubelet's); the cap counts pods.
+        for key, pod in pods.items():
+            if pod.uid not in distinct and len(distinct) >= self._max:
+                dropped += 1
+                continue
+            distinct.add(pod.uid)
+            kept[key] = pod
         with self._lock:
             self._by_uid = kept
             self._by_ip = _ip_index(kept.values())
@@ -43,18 +50,20 @@ class PodStore:
 
     def upsert(self, pod: PodMeta) -> None:
         with self._lock:
-            if pod.uid not in self._by_uid and len(self._by_uid) >= self._max:
+            if pod.uid not in self._by_uid and len(self) >= self._max:
                 self.dropped += 1
                 return
-            self._by_uid = {**self._by_uid, pod.uid: pod}
+            # Indexed under every UID its cgroups may carry (a static pod has two).
+            self._by_uid = {**self._by_uid, **dict.fromkeys(pod.cgroup_uids, pod)}
             self._by_ip = _ip_index(self._by_uid.values())
             self.updated_at = time.time()
             self.version += 1
 
     def delete(self, uid: str) -> None:
         with self._lock:
-            if uid in self._by_uid:
-                self._by_uid = {k: v for k, v in self._by_uid.items() if k != uid}
+            pod = self._by_uid.get(uid)
+            if pod is not None:
+                self._by_uid = {k: v for k, v in self._by_uid.items() if v.uid != pod.uid}
                 self._by_ip = _ip_index(self._by_uid.values())
                 self.version += 1
             self.updated_at = time.time()
@@ -66,7 +75,7 @@ class PodStore:
         return self._by_ip.get(ip)
 
     def __len__(self) -> int:
-        return len(self._by_uid)
+        return len({p.uid for p in self._by_uid.values()})
 
 
 def _ip_index(pods: object) -> dict[str, PodMeta]:

@@ -216,6 +216,22 @@ PROG_RUN_COUNT = MetricSpec(
     "Runs of each eBPF program (needs sysctl kernel.bpf_stats_enabled=1).",
     ("program",),
 )
+OTLP_EXPORTS = MetricSpec(
+    "podnet_exporter_otlp_exports", Kind.COUNTER, "OTLP pushes, by result.", ("result",)
+)
+OTLP_LAST_SUCCESS = MetricSpec(
+    "podnet_exporter_otlp_last_success_timestamp_seconds",
+    Kind.GAUGE,
+    "Unix time of the last successful OTLP push (0: none yet).",
+    (),
+    unit="seconds",
+)
+RETIRED_DROPPED = MetricSpec(
+    "podnet_exporter_retired_series_dropped",
+    Kind.COUNTER,
+    "Dead containers whose totals could not be kept (retired store full).",
+    (),
+)
 PODS_KNOWN = MetricSpec("podnet_exporter_pods", Kind.GAUGE, "Pods in the metadata store.", ())
 
 SELF_FAMILIES: tuple[MetricSpec, ...] = (
@@ -231,6 +247,9 @@ SELF_FAMILIES: tuple[MetricSpec, ...] = (
     PROG_RUN_TIME,
     PROG_RUN_COUNT,
     PODS_KNOWN,
+    OTLP_EXPORTS,
+    OTLP_LAST_SUCCESS,
+    RETIRED_DROPPED,
 )
 ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + SELF_FAMILIES
 

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 PEER_POD = "pod"
 PEER_NODE = "node"
 PEER_EXTERNAL = "external"
+PEER_UNKNOWN = "unknown"
+"""Bytes the kernel could not attribute to a peer because its flow map was full."""
+_UNTRACKED = bytes(16)
 
 
 def peer_address(addr16: bytes) -> str:
@@ -43,11 +46,14 @@ def read_local_addresses(proc: str = "/proc") -> frozenset[str]:
         elif s == "/32 host LOCAL" and last_ip:
             addrs.add(last_ip)
     try:
-        for line in Path(proc, "net/if_inet6").read_text().splitlines():
-            hexaddr = line.split()[0]
-            addrs.add(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
-    except (OSError, IndexError, ValueError):
-        pass
+        v6 = Path(proc, "net/if_inet6").read_text().splitlines()
+    except OSError:
+        v6 = []
+    for line in v6:
+        try:
+            addrs.add(str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))))
+        except (IndexError, ValueError):
+            continue
     return frozenset(addrs)
 
 
@@ -61,6 +67,8 @@ class PeerResolver:
 
     def classify(self, addr16: bytes, owner: Identity) -> tuple[str, str, str]:
         """(peer_namespace, peer_workload, peer_kind)."""
+        if addr16 == _UNTRACKED:
+            return "", "", PEER_UNKNOWN
         ip = peer_address(addr16)
         if ipaddress.ip_address(ip).is_loopback:
             # Loopback never leaves the owner's network namespace: in a pod that is the

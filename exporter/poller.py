@@ -11,12 +11,14 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporter import __version__
 from exporter.bpfstats import prog_run_stats, stats_enabled
-from exporter.identity import IdentityResolver
-from exporter.maps import MapReader
+from exporter.identity import Identity, IdentityResolver
+from exporter.lifecycle import Retired, drop_from_raw
+from exporter.maps import MapReader, RawData
 from exporter.metadata import PodsFileSource, PodStore
 from exporter.model import EMPTY_SNAPSHOT
 from exporter.peers import PeerResolver
@@ -64,6 +66,8 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self._logged: set[str] = set()
         self._polls = 0
+        self.retired = Retired(max_identities=parts.resolver.max_entries)
+        self.otlp_stats: Callable[[], tuple[int, int, float] | None] = lambda: None
         self._build = (__version__, platform.python_version(), bcc_version(), platform.release())
 
     def _error(self, stage: str, exc: BaseException) -> None:
@@ -79,6 +83,31 @@ class Poller:
                 exc,
                 stage,
             )
+
+    def _retire_dead(
+        self, raw: RawData, ids: set[int], identities: dict[int, Identity]
+    ) -> dict[int, Identity]:
+        """Free dead cgroups' map entries, keep their values while their pod lives, and
+        merge what is kept into this poll's data."""
+        p = self.parts
+        dead = p.resolver.dead(ids)
+        for cg in dead:
+            ident = identities.get(cg)
+            if ident is not None:
+                self.retired.absorb(raw, cg, ident)
+        if dead:
+            p.reader.delete_cgroups(raw, dead)
+            drop_from_raw(raw, dead)
+        live = {identities[cg] for cg in raw.cgroups if cg in identities}
+        live |= {identities[cg] for cg, _ in raw.flows if cg in identities}
+
+        def keep(ident: Identity) -> bool:
+            # A pod that still exists keeps its dead containers' totals: counters of a
+            # living pod never go backwards.
+            return ident in live or (ident.pod_uid is not None and p.store.by_uid(ident.pod_uid) is not None)
+
+        self.retired.prune(keep)
+        return self.retired.merge(raw, identities)
 
     def poll_once(self) -> Rendered:
         """One full poll; blocking."""
@@ -96,6 +125,10 @@ class Poller:
         raw = p.reader.read()
         ids = set(raw.cgroups) | {cg for cg, _ in raw.flows} | set(raw.rtt) | set(raw.connect)
         identities = p.resolver.resolve(ids)
+        try:
+            identities = self._retire_dead(raw, ids, identities)
+        except Exception as e:
+            self._error("cgroup_gc", e)
         bpf_stats: dict[str, tuple[int, int]] = {}
         if stats_enabled():
             for tp, fd in p.programs.program_fds().items():
@@ -108,10 +141,12 @@ class Poller:
             poll_seconds=time.perf_counter() - started,
             polls=self._polls,
             errors=dict(self.errors),
-            programs={h.hook.tracepoint: h.attached for h in p.programs.hooks},
+            programs={h.hook.label: h.attached for h in p.programs.hooks},
             unresolved=p.resolver.unresolved,
             pods=len(p.store),
             bpf_stats=bpf_stats,
+            otlp=self.otlp_stats(),
+            retired_dropped=self.retired.dropped,
         )
         snap = build_snapshot(raw, identities, p.peers.classify, state, time.time())
         return p.exposition.render(snap)

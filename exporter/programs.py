@@ -38,6 +38,14 @@ class Hook:
     args: tuple[str, ...]
     """Leading raw-tracepoint arguments the C code reads (const ignored); later kernels
     may append more."""
+    required: bool = False
+    """The program is unsafe without this hook (e.g. it frees per-socket state): if it
+    cannot attach, none of the program's hooks run."""
+
+    @property
+    def label(self) -> str:
+        """Unique across programs: the `program` label of the self-metrics."""
+        return self.function.removeprefix("on_")
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,21 @@ _SKB = "struct sk_buff *"
 
 PROGRAMS: tuple[ProgramSpec, ...] = (
     ProgramSpec(
-        "tcp_bytes",
+        "tcp_traffic",
         (
             Hook("sock_send_length", "on_sock_send_length", (_SOCK, "int", "int")),
             Hook("sock_recv_length", "on_sock_recv_length", (_SOCK, "int", "int")),
+            Hook("tcp_probe", "on_tcp_probe", (_SOCK, _SKB)),
+            Hook("tcp_destroy_sock", "on_tcp_destroy_sock", (_SOCK,), required=True),
+            Hook("inet_sock_set_state", "on_traffic_sock_state", (_SOCK, "int", "int"), required=True),
         ),
-        (),
-        ("podnet_tcp_sent_bytes_total", "podnet_tcp_received_bytes_total", "podnet_flow_bytes_total"),
+        ("PODNET_OFF_TCP_SRTT_US",),
+        (
+            "podnet_tcp_sent_bytes_total",
+            "podnet_tcp_received_bytes_total",
+            "podnet_flow_bytes_total",
+            "podnet_tcp_rtt_seconds",
+        ),
     ),
     ProgramSpec(
         "tcp_state",
@@ -87,12 +103,6 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
         ),
         ("PODNET_OFF_SKB_CB", "PODNET_OFF_TCP_SKB_CB_GSO_SEGS"),
         ("podnet_tcp_retransmits_total", "podnet_tcp_resets_total"),
-    ),
-    ProgramSpec(
-        "tcp_rtt",
-        (Hook("tcp_probe", "on_tcp_probe", (_SOCK, _SKB)),),
-        ("PODNET_OFF_TCP_SRTT_US",),
-        ("podnet_tcp_rtt_seconds",),
     ),
 )
 
@@ -138,13 +148,13 @@ class LoadedPrograms:
         return obj.get_table(name, keytype=types[0], leaftype=types[1])
 
     def program_fds(self) -> dict[str, int]:
-        """hook tracepoint -> fd of the attached program, for run-time statistics."""
+        """hook label -> fd of the attached program, for run-time statistics."""
         out: dict[str, int] = {}
         for h in self.hooks:
             obj = self.objects.get(h.program)
             fn = obj.funcs.get(h.hook.function.encode()) if h.attached and obj is not None else None
             if fn is not None:
-                out[h.hook.tracepoint] = fn.fd
+                out[h.hook.label] = fn.fd
         return out
 
     def attached(self, program: str) -> bool:
@@ -239,6 +249,11 @@ def load_programs(
             nargs[st.hook.tracepoint] = n
             if why:
                 st.reason = why
+        broken = [st for st in statuses if st.reason and st.hook.required]
+        if broken:
+            for st in statuses:
+                st.reason = st.reason or f"needs {broken[0].hook.tracepoint}: {broken[0].reason}"
+            continue
         usable = [st for st in statuses if not st.reason]
         if not usable:
             continue
@@ -258,6 +273,13 @@ def load_programs(
                 st.attached = True
             except Exception as e:
                 st.reason = f"attach to raw tracepoint {st.hook.tracepoint} failed: {e}"
+        failed = [st for st in usable if st.hook.required and not st.attached]
+        if failed:
+            obj.cleanup()
+            del loaded.objects[spec.name]
+            for st in statuses:
+                st.attached = False
+                st.reason = st.reason or f"needs {failed[0].hook.tracepoint}: {failed[0].reason}"
     for st in loaded.hooks:
         if not st.attached:
             log.warning(

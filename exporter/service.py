@@ -20,6 +20,7 @@ from exporter.maps import MapReader
 from exporter.metadata import PodsFileSource, PodStore
 from exporter.model import BucketLayout
 from exporter.offsets import resolve_offsets
+from exporter.otlp import OtlpPusher
 from exporter.peers import PeerResolver
 from exporter.poller import Poller, PollerParts, SnapshotStore
 from exporter.programs import MapSizes, load_programs
@@ -73,10 +74,30 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     parts = await asyncio.to_thread(build_parts, config)
     snapshots = SnapshotStore(parts.exposition)
     app[SNAPSHOTS] = snapshots
-    app[POLLER] = Poller(parts, snapshots, config.poll_interval)
+    poller = Poller(parts, snapshots, config.poll_interval)
+    app[POLLER] = poller
+    pusher = None
+    if config.otlp is not None:
+        pusher = OtlpPusher(
+            config.otlp,
+            node_name=config.node_name,
+            cluster_name=config.cluster_name,
+            get_snapshot=lambda: snapshots.current.snapshot,
+            histogram_scale=config.histogram_scale,
+        )
+        poller.otlp_stats = lambda: pusher.stats if pusher is not None else None
+        pusher.start()
+        log.info(
+            "pushing OTLP (%s) to %s every %gs",
+            config.otlp.protocol,
+            config.otlp.endpoint,
+            config.otlp.interval,
+        )
     try:
         yield
     finally:
+        if pusher is not None:
+            await asyncio.to_thread(pusher.shutdown)
         # Detach before exit so no program outlives the exporter.
         parts.programs.close()
         log.info("eBPF programs detached")
@@ -109,7 +130,8 @@ async def serve(config: Config) -> None:
                 f"cannot listen on {config.listen_host}:{config.listen_port}: {e.strerror or e}; "
                 "choose another address with --listen HOST:PORT"
             ) from None
-        log.info("serving /metrics on http://%s:%d", config.listen_host, config.listen_port)
+        host = f"[{config.listen_host}]" if ":" in config.listen_host else config.listen_host
+        log.info("serving /metrics on http://%s:%d", host, config.listen_port)
         loop = asyncio.get_running_loop()
         stop = _Stop(asyncio.Event())
 

@@ -29,6 +29,9 @@ class ExporterState:
     pods: int = 0
     bpf_stats: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """program -> (run time ns, run count)."""
+    otlp: tuple[int, int, float] | None = None
+    """(exports ok, exports failed, last success unix time) when OTLP is on."""
+    retired_dropped: int = 0
 
 
 class _Acc:
@@ -129,6 +132,12 @@ def _self_metrics(acc: _Acc, raw: RawData, state: ExporterState, now: float) -> 
         acc.add(m.MAP_ENTRIES, (name,), n)
     acc.add(m.UNRESOLVED, (), state.unresolved)
     acc.add(m.PODS_KNOWN, (), state.pods)
+    if state.otlp is not None:
+        ok, failed, last = state.otlp
+        acc.add(m.OTLP_EXPORTS, ("ok",), ok)
+        acc.add(m.OTLP_EXPORTS, ("failed",), failed)
+        acc.add(m.OTLP_LAST_SUCCESS, (), last)
+    acc.add(m.RETIRED_DROPPED, (), state.retired_dropped)
     for program, (ns, runs) in state.bpf_stats.items():
         acc.add(m.PROG_RUN_TIME, (program,), ns / NS_PER_S)
         acc.add(m.PROG_RUN_COUNT, (program,), runs)

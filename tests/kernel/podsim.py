@@ -777,6 +777,36 @@ class SimCluster:
             "metadata": {"resourceVersion": ""},
         }
 
+    def restart_container(self, pod: SimPod) -> None:
+        """What the kubelet does when a container restarts: a new container id and cgroup in
+        the same pod cgroup; the old cgroup is removed (its processes must have exited)."""
+        new_id = secrets.token_hex(32)
+        old_leaf = os.path.basename(pod.cgroup_dir)
+        new_leaf = old_leaf.replace(pod.container_id, new_id)
+        rel = os.path.relpath(os.path.join(pod.pod_cgroup_dir, new_leaf), self.cgroup_root)
+        (new_dir,) = self._make_cgroup(rel, leaves=1)
+        self._remove_cgroup(pod.cgroup_dir)
+        pod.container_id = new_id
+        pod.cgroup_dir = new_dir
+        pod.cgroup_id = os.stat(new_dir).st_ino
+        pod.cgroup_path = "/" + rel
+
+    def remove_pod(self, pod: SimPod) -> None:
+        """Delete the pod's cgroups (its processes must have exited) and drop it from the pods
+        file; its network namespace stays until close()."""
+        self._remove_cgroup(pod.cgroup_dir)
+        self._remove_cgroup(pod.pod_cgroup_dir)
+        self.pods.remove(pod)
+
+    def _remove_cgroup(self, d: str) -> None:
+        left = _rmdir_cgroups([d], timeout=5.0)
+        if left:
+            raise RuntimeError(f"cgroup {d} could not be removed: {left}")
+        with _state_lock():
+            if d in self._cgroups:
+                self._cgroups.remove(d)
+            self._save_registry()
+
     def write_pods_file(self, path: str, node_name: str = "sim-node") -> None:
         """Write a PodList (as `kubectl get pods -A -o json`) of all pods; atomic replace."""
         _write_json(path, self.pods_json(node_name))

@@ -529,3 +529,55 @@ def test_delay_line_moves_rtt_and_connect_time(
     rtt = _hist(s, "podnet_tcp_rtt_seconds", **pod_labels(a))
     lo, hi = _bucket_of(rtt, 0.5)
     assert lo < two_d * 1.6 and hi >= two_d, (lo, hi)
+
+
+# ---- lifecycle: dead cgroups -----------------------------------------------------------------
+
+
+def kernel_map_cgroups(map_name: str) -> set[int]:
+    """Cgroup ids (first 8 key bytes) present in the exporter's kernel map `map_name`."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "name", map_name], capture_output=True, text=True)
+    if out.returncode != 0:
+        return set()
+    ids = set()
+    for entry in json.loads(out.stdout):
+        key = entry.get("key") or entry.get("formatted", {}).get("key")
+        ids.add(int.from_bytes(bytes(int(b, 16) for b in key[:8]), "little"))
+    return ids
+
+
+def test_dead_container_is_freed_and_its_pod_keeps_counting(
+    cluster: SimCluster, exporter: ExporterProcess, pods_file: str
+) -> None:
+    a = cluster.add_pod("restarter", workload="restarter")
+    b = cluster.add_pod("steady", workload="steady")
+    cluster.write_pods_file(pods_file)
+    server = serve(b, 8000, connections=3, reply=10)
+    client(a, b.ip, 8000, 3, 100, 10)
+    finish(server)
+    sent = "podnet_tcp_sent_bytes_total"
+    assert exporter.fresh_scrape().value(sent, **full_labels(a)) == 300
+    old_id = a.cgroup_id
+    assert old_id in kernel_map_cgroups("tcp_flow_bytes")
+
+    cluster.restart_container(a)
+    cluster.write_pods_file(pods_file)
+    server = serve(b, 8000, connections=2, reply=10)
+    client(a, b.ip, 8000, 2, 100, 10)
+    finish(server)
+    s = exporter.fresh_scrape(polls=3)
+    # The restarted container continues its series: the counter never went backwards.
+    assert s.value(sent, **full_labels(a)) == 500
+    assert len(s.series(sent, **pod_labels(a))) == 1
+    assert s.value("podnet_tcp_connections_opened_total", **pod_labels(a), direction="outbound") == 5
+    assert old_id not in kernel_map_cgroups("tcp_flow_bytes")
+    assert old_id not in kernel_map_cgroups("tcp_conn_by_cgr")
+
+    cluster.remove_pod(a)
+    cluster.write_pods_file(pods_file)
+    s = exporter.fresh_scrape(polls=3)
+    assert s.series(sent, pod=a.name) == []
+    assert s.series("podnet_tcp_connections_opened_total", pod=a.name) == []
+    assert a.cgroup_id not in kernel_map_cgroups("tcp_flow_bytes")
+    # The peer keeps its own totals.
+    assert s.value(sent, **full_labels(b)) == 50

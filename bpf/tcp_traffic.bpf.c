@@ -1,0 +1,163 @@
+/* The hot path: TCP payload bytes per (owner, peer) and smoothed RTT per owner.
+ *
+ * Raw tracepoints:
+ *   sock:sock_send_length, sock:sock_recv_length (struct sock *sk, int ret, int flags):
+ *     ret is what the application handed to / took from the socket;
+ *   tcp:tcp_probe (struct sock *sk, const struct sk_buff *skb): every segment received
+ *     on an established socket (softirq);
+ *   tcp:tcp_destroy_sock (struct sock *sk) and sock:inet_sock_set_state (sk, old, new):
+ *     forget a socket's cached identity when it dies or disconnects.
+ *
+ * Reading a field through bpf_probe_read_kernel() costs ~35 ns here, and naming a socket's
+ * owner takes five reads; so each TCP socket's (owner cgroup, peer) is resolved once and
+ * kept in an LRU cache keyed by the socket's address. A cache hit is one hash lookup. An
+ * entry is dropped when its socket is destroyed or disconnected, so a recycled address
+ * never inherits a dead socket's identity; LRU eviction of a live entry only costs a
+ * re-resolve. Per-pod byte totals are the sum of the pod's flows, so each event updates
+ * one counter.
+ */
+#include "podnet.h"
+
+struct tcp_flow_key {
+    u64 cgroup_id;
+    u8 peer[16];    /* v4-mapped for IPv4; all zero: peers not tracked, the flow map was full */
+};
+
+struct tcp_bytes {
+    u64 sent;
+    u64 received;
+};
+
+#define PODNET_MAPID_TCP_FLOW_BYTES 0
+#define PODNET_MAPID_TCP_RTT_HIST 1
+
+BPF_TABLE("lru_hash", u64, struct tcp_flow_key, tcp_sock_identity, PODNET_SOCK_ENTRIES);
+/* Per-CPU so the hot path never bounces a cache line between cores; not preallocated so
+ * memory follows the number of live flows. */
+BPF_F_TABLE("percpu_hash", struct tcp_flow_key, struct tcp_bytes, tcp_flow_bytes, PODNET_FLOW_ENTRIES,
+            BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, tcp_rtt_hist, PODNET_HIST_ENTRIES,
+            BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(map_update_failures, u64, PODNET_MAX_MAP_IDS);
+
+static __always_inline void podnet_count_failure(u32 id)
+{
+    u64 *f = map_update_failures.lookup(&id);
+    if (f)
+        (*f)++;
+}
+
+/* The socket's (owner, peer), from the cache or resolved and cached; NULL for sockets
+ * that are not inet TCP or whose owner is unknown. */
+static __always_inline struct tcp_flow_key *identity_of(const void *sk)
+{
+    u64 skaddr = (u64)sk;
+    struct tcp_flow_key *id = tcp_sock_identity.lookup(&skaddr);
+    if (id)
+        return id;
+    if (!podnet_sk_is_inet_tcp(sk))
+        return NULL;
+    struct tcp_flow_key fresh = {.cgroup_id = podnet_sk_cgroup_id(sk)};
+    if (!fresh.cgroup_id)
+        return NULL;
+    podnet_sk_peer(sk, fresh.peer);
+    tcp_sock_identity.update(&skaddr, &fresh);
+    return tcp_sock_identity.lookup(&skaddr);
+}
+
+static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
+{
+    if (sent)
+        v->sent += n;
+    else
+        v->received += n;
+}
+
+static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int sent)
+{
+    const void *sk = (const void *)ctx->args[0];
+    int ret = (int)ctx->args[1];
+    int flags = (int)ctx->args[2];
+
+    if (ret <= 0 || !sk)
+        return 0;
+    /* Peeked bytes are read again by a later recv(): count them once, then. */
+    if (!sent && (flags & PODNET_MSG_PEEK))
+        return 0;
+    struct tcp_flow_key *id = identity_of(sk);
+    if (!id)
+        return 0;
+    struct tcp_bytes *v = tcp_flow_bytes.lookup(id);
+    if (v) {
+        add_bytes(v, ret, sent);
+        return 0;
+    }
+    struct tcp_bytes init = {};
+    add_bytes(&init, ret, sent);
+    /* BPF_ANY on a per-CPU map writes only this CPU's slot: a concurrent insert from
+     * another CPU cannot overwrite our count. */
+    if (!tcp_flow_bytes.update(id, &init))
+        return 0;
+    podnet_count_failure(PODNET_MAPID_TCP_FLOW_BYTES);
+    /* Full: keep the pod's total exact in its catch-all flow (peer unknown). */
+    struct tcp_flow_key other = {.cgroup_id = id->cgroup_id};
+    v = tcp_flow_bytes.lookup(&other);
+    if (v)
+        add_bytes(v, ret, sent);
+    else
+        tcp_flow_bytes.update(&other, &init);
+    return 0;
+}
+
+int on_sock_send_length(struct bpf_raw_tracepoint_args *ctx)
+{
+    return count_bytes(ctx, 1);
+}
+
+int on_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
+{
+    return count_bytes(ctx, 0);
+}
+
+int on_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
+{
+    const void *sk = (const void *)ctx->args[0];
+    if (!sk)
+        return 0;
+    struct tcp_flow_key *id = identity_of(sk);
+    if (!id)
+        return 0;
+    /* srtt_us holds the smoothed RTT in microseconds << 3. */
+    u32 srtt8 = podnet_read_u32(sk, PODNET_OFF_TCP_SRTT_US);
+    if (!srtt8)
+        return 0;
+    u64 ns = (u64)srtt8 * 125;
+    struct podnet_hist_key k = {.cgroup_id = id->cgroup_id, .slot = podnet_hist_slot(ns)};
+    struct podnet_hist_val *v = tcp_rtt_hist.lookup(&k);
+    if (v) {
+        v->count++;
+        v->sum_ns += ns;
+        return 0;
+    }
+    struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
+    if (tcp_rtt_hist.update(&k, &init))
+        podnet_count_failure(PODNET_MAPID_TCP_RTT_HIST);
+    return 0;
+}
+
+int on_tcp_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 skaddr = ctx->args[0];
+    tcp_sock_identity.delete(&skaddr);
+    return 0;
+}
+
+/* A disconnected socket (connect(AF_UNSPEC)) may connect again to another peer. */
+int on_traffic_sock_state(struct bpf_raw_tracepoint_args *ctx)
+{
+    if ((int)ctx->args[2] == PODNET_TCP_CLOSE) {
+        u64 skaddr = ctx->args[0];
+        tcp_sock_identity.delete(&skaddr);
+    }
+    return 0;
+}

@@ -122,7 +122,7 @@ static __always_inline void podnet_sk_peer(const void *sk, u8 *addr16)
 struct podnet_hist_key {
     u64 cgroup_id;
     u32 slot;
-    u32 pad;
+    u32 attrs;      /* extra labels of the histogram, e.g. role | protocol << 8; else 0 */
 };
 
 struct podnet_hist_val {

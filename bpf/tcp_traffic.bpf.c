@@ -15,8 +15,15 @@
  * never inherits a dead socket's identity; LRU eviction of a live entry only costs a
  * re-resolve. Per-pod byte totals are the sum of the pod's flows, so each event updates
  * one counter.
+ *
+ * Requests: on each connection a request is a turn of the conversation. On a server
+ * socket, data received while idle starts a request and the first data sent back ends it;
+ * on a client socket, the mirror image. At those two moments only, the first bytes of the
+ * syscall's user buffer are read (found through the task's saved syscall registers) to
+ * recognise HTTP/1.x methods and status lines; nothing is hooked on other syscalls.
  */
 #include "podnet.h"
+#include "requests.h"
 
 struct tcp_flow_key {
     u64 cgroup_id;
@@ -31,7 +38,23 @@ struct tcp_bytes {
 #define PODNET_MAPID_TCP_FLOW_BYTES 0
 #define PODNET_MAPID_TCP_RTT_HIST 1
 
-BPF_TABLE("lru_hash", u64, struct tcp_flow_key, tcp_sock_identity, PODNET_SOCK_ENTRIES);
+struct tcp_sock_info {
+    struct tcp_flow_key flow;
+    u64 turn_start_ns;  /* when the request in progress started */
+    u8 role;            /* PODNET_ROLE_*: set when the connection is established */
+    u8 in_request;
+    u8 method;          /* PODNET_HTTP_* of the request in progress, 0 if not HTTP */
+    u8 pad[5];
+};
+
+#define PODNET_MAPID_REQUESTS 2
+#define PODNET_MAPID_REQUEST_HIST 3
+
+BPF_TABLE("lru_hash", u64, struct tcp_sock_info, tcp_sock_identity, PODNET_SOCK_ENTRIES);
+BPF_F_TABLE("percpu_hash", struct podnet_request_key, u64, requests_by_cgroup, PODNET_MAP_ENTRIES,
+            BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, request_duration_hist,
+            PODNET_HIST_ENTRIES, BPF_F_NO_PREALLOC);
 /* Per-CPU so the hot path never bounces a cache line between cores; not preallocated so
  * memory follows the number of live flows. */
 BPF_F_TABLE("percpu_hash", struct tcp_flow_key, struct tcp_bytes, tcp_flow_bytes, PODNET_FLOW_ENTRIES,
@@ -49,18 +72,18 @@ static __always_inline void podnet_count_failure(u32 id)
 
 /* The socket's (owner, peer), from the cache or resolved and cached; NULL for sockets
  * that are not inet TCP or whose owner is unknown. */
-static __always_inline struct tcp_flow_key *identity_of(const void *sk)
+static __always_inline struct tcp_sock_info *identity_of(const void *sk)
 {
     u64 skaddr = (u64)sk;
-    struct tcp_flow_key *id = tcp_sock_identity.lookup(&skaddr);
+    struct tcp_sock_info *id = tcp_sock_identity.lookup(&skaddr);
     if (id)
         return id;
     if (!podnet_sk_is_inet_tcp(sk))
         return NULL;
-    struct tcp_flow_key fresh = {.cgroup_id = podnet_sk_cgroup_id(sk)};
-    if (!fresh.cgroup_id)
+    struct tcp_sock_info fresh = {.flow = {.cgroup_id = podnet_sk_cgroup_id(sk)}};
+    if (!fresh.flow.cgroup_id)
         return NULL;
-    podnet_sk_peer(sk, fresh.peer);
+    podnet_sk_peer(sk, fresh.flow.peer);
     tcp_sock_identity.update(&skaddr, &fresh);
     return tcp_sock_identity.lookup(&skaddr);
 }
@@ -71,6 +94,54 @@ static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
         v->sent += n;
     else
         v->received += n;
+}
+
+static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, u8 status_class)
+{
+    u8 protocol = (info->method || status_class) ? PODNET_PROTO_HTTP : PODNET_PROTO_OTHER;
+    struct podnet_request_key rk = {.cgroup_id = info->flow.cgroup_id, .role = info->role,
+                                    .protocol = protocol, .method = info->method,
+                                    .status_class = status_class};
+    u64 *n = requests_by_cgroup.lookup(&rk);
+    if (n) {
+        (*n)++;
+    } else {
+        u64 one = 1;
+        if (requests_by_cgroup.update(&rk, &one))
+            podnet_count_failure(PODNET_MAPID_REQUESTS);
+    }
+    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns),
+                                .attrs = info->role | (protocol << 8)};
+    struct podnet_hist_val *v = request_duration_hist.lookup(&k);
+    if (v) {
+        v->count++;
+        v->sum_ns += ns;
+        return;
+    }
+    struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
+    if (request_duration_hist.update(&k, &init))
+        podnet_count_failure(PODNET_MAPID_REQUEST_HIST);
+}
+
+/* The request state machine: called for each send/recv with data. */
+static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int len)
+{
+    if (!info->role)    /* established before podnet started: whoever speaks first asks */
+        info->role = sent ? PODNET_ROLE_CLIENT : PODNET_ROLE_SERVER;
+    int asking = (info->role == PODNET_ROLE_SERVER) ? !sent : sent;
+    if (!info->in_request) {
+        if (!asking)
+            return;     /* more of the previous response */
+        info->in_request = 1;
+        info->turn_start_ns = bpf_ktime_get_ns();
+        info->method = podnet_peek_method(len);
+        return;
+    }
+    if (asking)
+        return;         /* more of the request */
+    info->in_request = 0;
+    u64 ns = bpf_ktime_get_ns() - info->turn_start_ns;
+    observe_request(info, ns, podnet_peek_status_class(len));
 }
 
 static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int sent)
@@ -84,9 +155,11 @@ static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int 
     /* Peeked bytes are read again by a later recv(): count them once, then. */
     if (!sent && (flags & PODNET_MSG_PEEK))
         return 0;
-    struct tcp_flow_key *id = identity_of(sk);
-    if (!id)
+    struct tcp_sock_info *info = identity_of(sk);
+    if (!info)
         return 0;
+    track_turn(info, sent, ret);
+    struct tcp_flow_key *id = &info->flow;
     struct tcp_bytes *v = tcp_flow_bytes.lookup(id);
     if (v) {
         add_bytes(v, ret, sent);
@@ -124,15 +197,15 @@ int on_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
     const void *sk = (const void *)ctx->args[0];
     if (!sk)
         return 0;
-    struct tcp_flow_key *id = identity_of(sk);
-    if (!id)
+    struct tcp_sock_info *info = identity_of(sk);
+    if (!info)
         return 0;
     /* srtt_us holds the smoothed RTT in microseconds << 3. */
     u32 srtt8 = podnet_read_u32(sk, PODNET_OFF_TCP_SRTT_US);
     if (!srtt8)
         return 0;
     u64 ns = (u64)srtt8 * 125;
-    struct podnet_hist_key k = {.cgroup_id = id->cgroup_id, .slot = podnet_hist_slot(ns)};
+    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns)};
     struct podnet_hist_val *v = tcp_rtt_hist.lookup(&k);
     if (v) {
         v->count++;
@@ -152,12 +225,24 @@ int on_tcp_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
-/* A disconnected socket (connect(AF_UNSPEC)) may connect again to another peer. */
+/* Learn each connection's role when it is established; forget a disconnected socket
+ * (connect(AF_UNSPEC)), which may connect again to another peer. */
 int on_traffic_sock_state(struct bpf_raw_tracepoint_args *ctx)
 {
-    if ((int)ctx->args[2] == PODNET_TCP_CLOSE) {
-        u64 skaddr = ctx->args[0];
+    const void *sk = (const void *)ctx->args[0];
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    u64 skaddr = (u64)sk;
+    if (newstate == PODNET_TCP_CLOSE) {
         tcp_sock_identity.delete(&skaddr);
+        return 0;
     }
+    if (newstate != PODNET_TCP_ESTABLISHED || !sk)
+        return 0;
+    if (oldstate != PODNET_TCP_SYN_SENT && oldstate != PODNET_TCP_SYN_RECV)
+        return 0;
+    struct tcp_sock_info *info = identity_of(sk);
+    if (info)
+        info->role = oldstate == PODNET_TCP_SYN_SENT ? PODNET_ROLE_CLIENT : PODNET_ROLE_SERVER;
     return 0;
 }

@@ -39,7 +39,36 @@ class TcpEventCounters(ct.Structure):
 
 
 class HistKey(ct.Structure):
-    _fields_ = [("cgroup_id", ct.c_uint64), ("slot", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("cgroup_id", ct.c_uint64), ("slot", ct.c_uint32), ("attrs", ct.c_uint32)]
+
+
+class RequestKey(ct.Structure):
+    _fields_ = [
+        ("cgroup_id", ct.c_uint64),
+        ("role", ct.c_uint8),
+        ("protocol", ct.c_uint8),
+        ("method", ct.c_uint8),
+        ("status_class", ct.c_uint8),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class SockInfo(ct.Structure):
+    _fields_ = [
+        ("flow", TcpFlowKey),
+        ("turn_start_ns", ct.c_uint64),
+        ("role", ct.c_uint8),
+        ("in_request", ct.c_uint8),
+        ("method", ct.c_uint8),
+        ("pad", ct.c_uint8 * 5),
+    ]
+
+
+# bpf/requests.h codes: index = code.
+ROLES = ("", "server", "client")
+PROTOCOLS = ("", "other", "http")
+HTTP_METHODS = ("", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class HistVal(ct.Structure):
@@ -65,7 +94,9 @@ FailureCount = ct.c_uint64
 # map name -> (key type, value type); the map-update-failure index of each program's maps
 # is its position in that program's MAP_IDS tuple (PODNET_MAPID_* in the C source).
 MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
-    "tcp_sock_identity": (SockKey, TcpFlowKey),
+    "tcp_sock_identity": (SockKey, SockInfo),
+    "requests_by_cgroup": (RequestKey, ct.c_uint64),
+    "request_duration_hist": (HistKey, HistVal),
     "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
     "tcp_conn_by_cgroup": (CgroupKey, TcpConnCounters),
     "tcp_connects_pending": (SockKey, ConnectStart),
@@ -77,7 +108,7 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 }
 
 MAP_IDS: dict[str, tuple[str, ...]] = {
-    "tcp_traffic": ("tcp_flow_bytes", "tcp_rtt_hist"),
+    "tcp_traffic": ("tcp_flow_bytes", "tcp_rtt_hist", "requests_by_cgroup", "request_duration_hist"),
     "tcp_state": (
         "tcp_conn_by_cgroup",
         "tcp_connects_pending",

@@ -74,6 +74,11 @@ class PodStore:
     def by_ip(self, ip: str) -> PodMeta | None:
         return self._by_ip.get(ip)
 
+    def pods(self) -> list[PodMeta]:
+        """Every pod once (a static pod sits under two UIDs). The dict is replaced whole on
+        each update, so this reads one consistent version without the lock."""
+        return list({p.uid: p for p in self._by_uid.values()}.values())
+
     def __len__(self) -> int:
         return len({p.uid for p in self._by_uid.values()})
 

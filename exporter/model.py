@@ -143,6 +143,24 @@ TCP_RESETS = _pod(
     otel_unit="{reset}",
 )
 
+REQUESTS = _pod(
+    "podnet_requests",
+    Kind.COUNTER,
+    "Requests served (role=server) and made (role=client): turns of each TCP conversation.",
+    ("role", "protocol", "method", "status_class"),
+    otel="podnet.requests",
+    otel_unit="{request}",
+)
+REQUEST_DURATION = _pod(
+    "podnet_request_duration_seconds",
+    Kind.HISTOGRAM,
+    "Time from a request's first byte to its response's first byte.",
+    ("role", "protocol"),
+    unit="seconds",
+    otel="podnet.request.duration",
+    otel_unit="s",
+)
+
 POD_FAMILIES: tuple[MetricSpec, ...] = (
     TCP_SENT,
     TCP_RECEIVED,
@@ -155,7 +173,21 @@ POD_FAMILIES: tuple[MetricSpec, ...] = (
     TCP_ACTIVE,
     TCP_RETRANSMITS,
     TCP_RESETS,
+    REQUESTS,
+    REQUEST_DURATION,
 )
+
+POD_INFO_LABELS: tuple[str, ...] = ("namespace", "pod", "workload", "workload_kind", "node", "pod_ip")
+POD_INFO = MetricSpec(
+    "podnet_pod_info",
+    Kind.GAUGE,
+    "Pods in the metadata store; always 1. Join on namespace and pod for node or pod IP.",
+    POD_INFO_LABELS,
+    otel_name="podnet.pod.info",
+    otel_unit="{pod}",
+)
+# Per pod, not per container: kept out of POD_FAMILIES, whose label sets start with POD_LABELS.
+INFO_FAMILIES: tuple[MetricSpec, ...] = (POD_INFO,)
 
 # Self-metrics: the exporter's own health.
 BUILD_INFO = MetricSpec(
@@ -233,6 +265,12 @@ RETIRED_DROPPED = MetricSpec(
     (),
 )
 PODS_KNOWN = MetricSpec("podnet_exporter_pods", Kind.GAUGE, "Pods in the metadata store.", ())
+SERIES_DROPPED = MetricSpec(
+    "podnet_exporter_series_dropped",
+    Kind.COUNTER,
+    "Label sets left out of a poll's snapshot because their family was at --max-series, summed over polls.",
+    ("metric",),
+)
 
 SELF_FAMILIES: tuple[MetricSpec, ...] = (
     BUILD_INFO,
@@ -250,8 +288,9 @@ SELF_FAMILIES: tuple[MetricSpec, ...] = (
     OTLP_EXPORTS,
     OTLP_LAST_SUCCESS,
     RETIRED_DROPPED,
+    SERIES_DROPPED,
 )
-ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + SELF_FAMILIES
+ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + INFO_FAMILIES + SELF_FAMILIES
 
 
 @dataclass(frozen=True)

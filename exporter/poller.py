@@ -20,7 +20,7 @@ from exporter.identity import Identity, IdentityResolver
 from exporter.lifecycle import Retired, drop_from_raw
 from exporter.maps import MapReader, RawData
 from exporter.metadata import PodsFileSource, PodStore
-from exporter.model import EMPTY_SNAPSHOT
+from exporter.model import EMPTY_SNAPSHOT, Snapshot
 from exporter.peers import PeerResolver
 from exporter.programs import LoadedPrograms
 from exporter.prometheus import Exposition, Rendered
@@ -56,6 +56,8 @@ class PollerParts:
     store: PodStore
     pods_file: PodsFileSource | None
     exposition: Exposition
+    max_series: int | None = 10000
+    """Per family (Config.max_series); None: no cap."""
 
 
 class Poller:
@@ -66,6 +68,9 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self._logged: set[str] = set()
         self._polls = 0
+        # The last snapshot built: which series are exported (they keep priority under the
+        # series cap) and the running drop totals.
+        self._previous: Snapshot = EMPTY_SNAPSHOT
         self.retired = Retired(max_identities=parts.resolver.max_entries)
         self.otlp_stats: Callable[[], tuple[int, int, float] | None] = lambda: None
         self._build = (__version__, platform.python_version(), bcc_version(), platform.release())
@@ -124,6 +129,7 @@ class Poller:
             self._error("node_addresses", e)
         raw = p.reader.read()
         ids = set(raw.cgroups) | {cg for cg, _ in raw.flows} | set(raw.rtt) | set(raw.connect)
+        ids |= set(raw.requests) | set(raw.request_hist)
         identities = p.resolver.resolve(ids)
         try:
             identities = self._retire_dead(raw, ids, identities)
@@ -148,7 +154,17 @@ class Poller:
             otlp=self.otlp_stats(),
             retired_dropped=self.retired.dropped,
         )
-        snap = build_snapshot(raw, identities, p.peers.classify, state, time.time())
+        snap = build_snapshot(
+            raw,
+            identities,
+            p.peers.classify,
+            state,
+            time.time(),
+            pods=p.store.pods(),
+            max_series=p.max_series,
+            previous=self._previous,
+        )
+        self._previous = snap
         return p.exposition.render(snap)
 
     async def run(self) -> None:

@@ -188,8 +188,29 @@ def check_hook(btf: Btf, hook: Hook) -> tuple[str | None, int]:
     return None, len(args)
 
 
+# Syscall numbers whose user buffer HTTP recognition may read (bpf/requests.h).
+_SYSCALLS = {
+    "x86_64": {
+        "READ": 0,
+        "WRITE": 1,
+        "READV": 19,
+        "WRITEV": 20,
+        "SENDTO": 44,
+        "RECVFROM": 45,
+        "SENDMSG": 46,
+        "RECVMSG": 47,
+    },
+}
+
+
+def syscall_cflags(machine: str | None = None) -> list[str]:
+    """Empty on other architectures: there requests are counted without HTTP details."""
+    nrs = _SYSCALLS.get(machine or os.uname().machine, {})
+    return [f"-DPODNET_NR_{name}={nr}" for name, nr in sorted(nrs.items())]
+
+
 def program_cflags(spec: ProgramSpec, offsets: Offsets, sizes: MapSizes, nargs: dict[str, int]) -> list[str]:
-    flags = [f"-I{BPF_DIR}", *offsets.cflags(), *sizes.cflags()]
+    flags = [f"-I{BPF_DIR}", *offsets.cflags(), *sizes.cflags(), *syscall_cflags()]
     flags += [f"-DPODNET_TP_{tp.upper()}_NARGS={n}" for tp, n in sorted(nargs.items())]
     return flags
 
@@ -225,6 +246,46 @@ def _headers_hint() -> str:
     return ""
 
 
+def _compile_and_attach(
+    loaded: LoadedPrograms,
+    spec: ProgramSpec,
+    statuses: list[HookStatus],
+    usable: list[HookStatus],
+    cflags: list[str],
+    debug: int,
+    bpf_class: Any,
+    last: bool,
+) -> bool:
+    """One attempt; True when done: every hook attached, or this was the last attempt
+    (then the hooks that attached stay, unless a required one failed)."""
+    try:
+        with _captured_stderr() as diag:
+            obj = bpf_class(src_file=str(spec.source).encode(), cflags=cflags, debug=debug)
+    except Exception as e:  # BCC raises bare Exception on compile failure
+        reason = f"BCC could not compile {spec.source.name}: {_first_error(diag, e)}{_headers_hint()}"
+        for st in usable:
+            st.reason = reason
+        return True  # another variant would not compile either
+    loaded.objects[spec.name] = obj
+    for st in usable:
+        try:
+            with _captured_stderr():
+                obj.attach_raw_tracepoint(tp=st.hook.tracepoint.encode(), fn_name=st.hook.function.encode())
+            st.attached = True
+        except Exception as e:
+            st.reason = f"attach to raw tracepoint {st.hook.tracepoint} failed: {e}"
+    failed = [st for st in usable if st.hook.required and not st.attached]
+    if all(st.attached for st in usable) or (last and not failed):
+        return True
+    obj.cleanup()
+    del loaded.objects[spec.name]
+    for st in statuses:
+        st.attached = False
+        if failed:
+            st.reason = st.reason or f"needs {failed[0].hook.tracepoint}: {failed[0].reason}"
+    return last
+
+
 def load_programs(
     btf: Btf,
     offsets: Offsets,
@@ -257,29 +318,16 @@ def load_programs(
         usable = [st for st in statuses if not st.reason]
         if not usable:
             continue
-        cflags = program_cflags(spec, offsets, sizes, nargs)
-        try:
-            with _captured_stderr() as diag:
-                obj = BPF(src_file=str(spec.source).encode(), cflags=cflags, debug=debug)
-        except Exception as e:  # BCC raises bare Exception on compile failure
-            reason = f"BCC could not compile {spec.source.name}: {_first_error(diag, e)}{_headers_hint()}"
+        base = program_cflags(spec, offsets, sizes, nargs)
+        # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the
+        # program then loads without HTTP recognition instead of not at all.
+        variants: list[list[str]] = [[], ["-DPODNET_NO_PEEK"]]
+        for i, variant in enumerate(variants):
             for st in usable:
-                st.reason = reason
-            continue
-        loaded.objects[spec.name] = obj
-        for st in usable:
-            try:
-                obj.attach_raw_tracepoint(tp=st.hook.tracepoint.encode(), fn_name=st.hook.function.encode())
-                st.attached = True
-            except Exception as e:
-                st.reason = f"attach to raw tracepoint {st.hook.tracepoint} failed: {e}"
-        failed = [st for st in usable if st.hook.required and not st.attached]
-        if failed:
-            obj.cleanup()
-            del loaded.objects[spec.name]
-            for st in statuses:
-                st.attached = False
-                st.reason = st.reason or f"needs {failed[0].hook.tracepoint}: {failed[0].reason}"
+                st.reason, st.attached = "", False
+            last = i == len(variants) - 1
+            if _compile_and_attach(loaded, spec, statuses, usable, base + variant, debug, BPF, last):
+                break
     for st in loaded.hooks:
         if not st.attached:
             log.warning(

@@ -66,6 +66,7 @@ def build_parts(config: Config) -> PollerParts:
         store=store,
         pods_file=pods_file,
         exposition=Exposition(BucketLayout(scale=config.histogram_scale)),
+        max_series=config.max_series,
     )
 
 

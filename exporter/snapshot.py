@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from exporter import model as m
-from exporter.bpf_structs import DIRECTIONS, FAIL_REASONS
+from exporter.bpf_structs import DIRECTIONS, FAIL_REASONS, HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES
 from exporter.identity import Identity
 from exporter.maps import RawData, Slots
+from exporter.pods import PodMeta
 
 NS_PER_S = 1e9
 RESET_DIRECTIONS = ("sent", "received")
 FLOW_DIRECTIONS = ("sent", "received")
+CAPPED_FAMILIES: tuple[m.MetricSpec, ...] = m.POD_FAMILIES + m.INFO_FAMILIES
+"""Families whose series grow with pods and peers; the self-metrics are bounded by the code."""
+
+_V = TypeVar("_V")
 
 
 @dataclass
@@ -61,7 +68,13 @@ def build_snapshot(
     classify_peer: Callable[[bytes, Identity], tuple[str, str, str]],
     state: ExporterState,
     now: float,
+    *,
+    pods: Iterable[PodMeta] = (),
+    max_series: int | None = None,
+    previous: m.Snapshot | None = None,
 ) -> m.Snapshot:
+    """`max_series` caps each of CAPPED_FAMILIES; `previous` (the last snapshot built) says
+    which series were exported already, and holds the running drop totals."""
     acc = _Acc()
     for cgid, c in raw.cgroups.items():
         ident = identities.get(cgid)
@@ -95,8 +108,16 @@ def build_snapshot(
             ident = identities.get(cgid)
             if ident is not None:
                 acc.add_hist(spec, ident.labels, slots)
+    _requests(acc, raw, identities)
+    for pod in pods:
+        ip = pod.pod_ips[0] if pod.pod_ips else ""
+        row = (pod.namespace, pod.name, pod.workload, pod.workload_kind, pod.node, ip)
+        # Set, not added: two pods of one name (a StatefulSet pod being replaced) are one row.
+        acc.values[m.POD_INFO.name][row] = 1
 
+    dropped = _apply_cap(acc, max_series, previous) if max_series is not None else {}
     _self_metrics(acc, raw, state, now)
+    _series_dropped(acc, dropped, previous)
 
     samples = {
         name: tuple(m.Sample(labels, v) for labels, v in sorted(series.items()))
@@ -108,6 +129,90 @@ def build_snapshot(
     }
     pod_uids = {(i.namespace, i.pod): i.pod_uid for i in identities.values() if i.pod_uid}
     return m.Snapshot.build(now, samples, hists, pod_uids)
+
+
+def request_labels(role: int, protocol: int, method: int, status: int) -> tuple[str, str, str, str]:
+    """Kernel request codes -> (role, protocol, method, status_class) label values. An HTTP
+    request with a method outside the standard set has method "other"; non-HTTP requests
+    have no method."""
+    proto = _code(PROTOCOLS, protocol)
+    meth = _code(HTTP_METHODS, method)
+    if proto == "http" and not meth:
+        meth = "other"
+    return _code(ROLES, role), proto, meth, _code(STATUS_CLASSES, status)
+
+
+def _code(names: tuple[str, ...], code: int) -> str:
+    return names[code] if 0 <= code < len(names) else ""
+
+
+def _requests(acc: _Acc, raw: RawData, identities: Mapping[int, Identity]) -> None:
+    for cgid, by_labels in raw.requests.items():
+        ident = identities.get(cgid)
+        if ident is None:
+            continue
+        for (role, proto, method, status), n in by_labels.items():
+            acc.add(m.REQUESTS, (*ident.labels, *request_labels(role, proto, method, status)), n)
+    for cgid, by_attrs in raw.request_hist.items():
+        ident = identities.get(cgid)
+        if ident is None:
+            continue
+        for attrs, slots in by_attrs.items():
+            role_label, proto_label, _, _ = request_labels(attrs & 0xFF, attrs >> 8, 0, 0)
+            acc.add_hist(m.REQUEST_DURATION, (*ident.labels, role_label, proto_label), slots)
+
+
+def _exported(previous: m.Snapshot | None, spec: m.MetricSpec) -> set[tuple[str, ...]]:
+    if previous is None:
+        return set()
+    if spec.kind is m.Kind.HISTOGRAM:
+        return {h.labels for h in previous.histograms.get(spec.name, ())}
+    return {s.labels for s in previous.samples.get(spec.name, ())}
+
+
+def cap_series(
+    series: dict[tuple[str, ...], _V], cap: int, exported: set[tuple[str, ...]]
+) -> tuple[dict[tuple[str, ...], _V], int]:
+    """(at most `cap` of `series`, how many were left out). Series exported last time go
+    first, so an existing series never flaps out because a new one arrived; the rest are
+    taken in label order, so the choice does not depend on map iteration order."""
+    if len(series) <= cap:
+        return series, 0
+    old = [k for k in series if k in exported]
+    keep = heapq.nsmallest(cap, old) if len(old) > cap else old
+    room = cap - len(keep)
+    if room:
+        keep += heapq.nsmallest(room, (k for k in series if k not in exported))
+    return {k: series[k] for k in keep}, len(series) - len(keep)
+
+
+def _apply_cap(acc: _Acc, cap: int, previous: m.Snapshot | None) -> dict[str, int]:
+    """Caps acc in place; returns label sets left out per exposed family name."""
+    dropped: dict[str, int] = {}
+    for spec in CAPPED_FAMILIES:
+        n = 0
+        if spec.kind is m.Kind.HISTOGRAM:
+            hists = acc.hists.get(spec.name)
+            if hists is not None and len(hists) > cap:
+                acc.hists[spec.name], n = cap_series(hists, cap, _exported(previous, spec))
+        else:
+            values = acc.values.get(spec.name)
+            if values is not None and len(values) > cap:
+                acc.values[spec.name], n = cap_series(values, cap, _exported(previous, spec))
+        if n:
+            dropped[spec.exposed_name] = n
+    return dropped
+
+
+def _series_dropped(acc: _Acc, dropped: Mapping[str, int], previous: m.Snapshot | None) -> None:
+    """Running totals: the previous snapshot's plus this poll's. Every capped family has a
+    series (0 until it drops) so an alert on it needs no absent()."""
+    before: dict[str, float] = {}
+    if previous is not None:
+        before = {s.labels[0]: s.value for s in previous.samples.get(m.SERIES_DROPPED.name, ())}
+    for spec in CAPPED_FAMILIES:
+        name = spec.exposed_name
+        acc.values[m.SERIES_DROPPED.name][(name,)] = before.get(name, 0) + dropped.get(name, 0)
 
 
 def _hist_sample(labels: tuple[str, ...], slots: Mapping[int, list[int]]) -> m.HistSample:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from exporter import model as m
 from exporter.identity import Identity
 from exporter.maps import CgroupCounters, RawData
+from exporter.pods import PodMeta
 from exporter.snapshot import ExporterState, build_snapshot
 
 UID_A = "5f1d3c1e-8a2b-4c3d-9e4f-0123456789ab"
@@ -327,12 +328,15 @@ def test_every_sample_matches_its_family() -> None:
     raw.flows[(1, v4("10.1.1.1"))] = (1, 1)
     raw.rtt[1] = {120: (1, 1)}
     raw.connect[1] = {120: (1, 1)}
+    raw.requests[1] = {(1, 2, 1, 2): 1}
+    raw.request_hist[1] = {1 | 2 << 8: {120: (1, 1)}}
     state = ExporterState(
         errors={"poll": 1}, programs={"x": True}, bpf_stats={"x": (1, 1)}, otlp=(1, 1, 1.0), retired_dropped=1
     )
     raw.map_failures = {"m": 1}
     raw.map_entries = {"m": 1}
-    snap = build(raw, {1: WEB_NGINX}, state=state)
+    pod = PodMeta(UID_A, "shop", WEB_NGINX.pod, "node-1", "web", "Deployment", ("10.1.0.5",), False, ())
+    snap = build_snapshot(raw, {1: WEB_NGINX}, StubClassifier({}), state, NOW, pods=[pod])
     specs = {s.name: s for s in m.ALL_FAMILIES}
     assert set(snap.samples) | set(snap.histograms) == set(specs), "every family filled"
     for name, samples in snap.samples.items():

@@ -1,0 +1,133 @@
+/* Request recognition for tcp_traffic.bpf.c: roles, protocols and a peek at HTTP/1.x.
+ *
+ * The payload is read from the user buffer of the syscall in progress: the kernel keeps the
+ * task's syscall registers (bpf_task_pt_regs), whose layout (pt_regs.si, .orig_ax) comes
+ * from BTF and whose syscall numbers come from the loader (-DPODNET_NR_*). Where any of
+ * those is missing, or the syscall passes no user buffer (sendfile, splice, io_uring),
+ * requests are still counted, as protocol "other".
+ */
+#ifndef PODNET_REQUESTS_H
+#define PODNET_REQUESTS_H
+
+#define PODNET_ROLE_SERVER 1
+#define PODNET_ROLE_CLIENT 2
+
+#define PODNET_PROTO_OTHER 1
+#define PODNET_PROTO_HTTP 2
+
+/* HTTP methods; keep in step with exporter/bpf_structs.py HTTP_METHODS. */
+#define PODNET_HTTP_GET 1
+#define PODNET_HTTP_POST 2
+#define PODNET_HTTP_PUT 3
+#define PODNET_HTTP_DELETE 4
+#define PODNET_HTTP_HEAD 5
+#define PODNET_HTTP_PATCH 6
+#define PODNET_HTTP_OPTIONS 7
+#define PODNET_HTTP_CONNECT 8
+#define PODNET_HTTP_TRACE 9
+
+struct podnet_request_key {
+    u64 cgroup_id;
+    u8 role;
+    u8 protocol;
+    u8 method;
+    u8 status_class;   /* 1..5 for 1xx..5xx, 0 unknown */
+    u32 pad;
+};
+
+#define PODNET_PEEK_BYTES 16
+
+#if defined(PODNET_OFF_PT_REGS_SI) && defined(PODNET_OFF_PT_REGS_ORIG_AX) && defined(PODNET_NR_READ) && \
+    !defined(PODNET_NO_PEEK)
+static long (*podnet_task_pt_regs)(struct task_struct *task) = (void *)BPF_FUNC_task_pt_regs;
+
+/* The first PODNET_PEEK_BYTES of the current read/write/send/recv syscall's buffer. */
+static __always_inline int podnet_peek(u8 *buf)
+{
+    struct task_struct *task = bpf_get_current_task_btf();
+    const char *regs = (const char *)podnet_task_pt_regs(task);
+    u64 nr = 0, arg = 0;
+    if (!regs)
+        return -1;
+    bpf_probe_read_kernel(&nr, sizeof(nr), regs + PODNET_OFF_PT_REGS_ORIG_AX);
+    bpf_probe_read_kernel(&arg, sizeof(arg), regs + PODNET_OFF_PT_REGS_SI);
+    const void *ubuf = NULL;
+    if (nr == PODNET_NR_READ || nr == PODNET_NR_WRITE || nr == PODNET_NR_SENDTO || nr == PODNET_NR_RECVFROM) {
+        ubuf = (const void *)arg;
+    } else if (nr == PODNET_NR_SENDMSG || nr == PODNET_NR_RECVMSG || nr == PODNET_NR_READV ||
+               nr == PODNET_NR_WRITEV) {
+        const void *iov = (const void *)arg;
+        if (nr == PODNET_NR_SENDMSG || nr == PODNET_NR_RECVMSG) {
+            /* struct user_msghdr (UAPI): msg_iov at offset 16 */
+            if (bpf_probe_read_user(&iov, sizeof(iov), (const char *)arg + 16))
+                return -1;
+        }
+        /* struct iovec (UAPI): iov_base first */
+        if (bpf_probe_read_user(&ubuf, sizeof(ubuf), iov))
+            return -1;
+    } else {
+        return -1;
+    }
+    return bpf_probe_read_user(buf, PODNET_PEEK_BYTES, ubuf);
+}
+#else
+static __always_inline int podnet_peek(u8 *buf)
+{
+    return -1;
+}
+#endif
+
+static __always_inline int podnet_is(const u8 *b, char c0, char c1, char c2, char c3)
+{
+    return b[0] == c0 && b[1] == c1 && b[2] == c2 && b[3] == c3;
+}
+
+/* The HTTP method that starts this request, 0 if it is not HTTP/1.x. */
+static __always_inline u8 podnet_peek_method(int len)
+{
+    u8 b[PODNET_PEEK_BYTES] = {};
+    if (len < 4 || podnet_peek(b))
+        return 0;
+    if (podnet_is(b, 'G', 'E', 'T', ' '))
+        return PODNET_HTTP_GET;
+    if (podnet_is(b, 'P', 'U', 'T', ' '))
+        return PODNET_HTTP_PUT;
+    if (len < 5)
+        return 0;
+    if (podnet_is(b, 'P', 'O', 'S', 'T') && b[4] == ' ')
+        return PODNET_HTTP_POST;
+    if (podnet_is(b, 'H', 'E', 'A', 'D') && b[4] == ' ')
+        return PODNET_HTTP_HEAD;
+    if (len < 6)
+        return 0;
+    if (podnet_is(b, 'P', 'A', 'T', 'C') && b[4] == 'H' && b[5] == ' ')
+        return PODNET_HTTP_PATCH;
+    if (podnet_is(b, 'T', 'R', 'A', 'C') && b[4] == 'E' && b[5] == ' ')
+        return PODNET_HTTP_TRACE;
+    if (len < 7)
+        return 0;
+    if (podnet_is(b, 'D', 'E', 'L', 'E') && b[4] == 'T' && b[5] == 'E' && b[6] == ' ')
+        return PODNET_HTTP_DELETE;
+    if (len < 8)
+        return 0;
+    if (podnet_is(b, 'O', 'P', 'T', 'I') && podnet_is(b + 4, 'O', 'N', 'S', ' '))
+        return PODNET_HTTP_OPTIONS;
+    if (podnet_is(b, 'C', 'O', 'N', 'N') && podnet_is(b + 4, 'E', 'C', 'T', ' '))
+        return PODNET_HTTP_CONNECT;
+    return 0;
+}
+
+/* 1..5 from an "HTTP/1.x NNN" status line that starts this response, else 0. */
+static __always_inline u8 podnet_peek_status_class(int len)
+{
+    u8 b[PODNET_PEEK_BYTES] = {};
+    if (len < 12 || podnet_peek(b))
+        return 0;
+    if (!podnet_is(b, 'H', 'T', 'T', 'P') || b[4] != '/' || b[5] != '1' || b[6] != '.' || b[8] != ' ')
+        return 0;
+    if (b[9] < '1' || b[9] > '5' || b[10] < '0' || b[10] > '9' || b[11] < '0' || b[11] > '9')
+        return 0;
+    return b[9] - '0';
+}
+
+#endif /* PODNET_REQUESTS_H */

@@ -1,0 +1,167 @@
+"""Requests per pod on the real kernel: an HTTP/1.1 server and client in simulated pods,
+and a non-HTTP line protocol, against the real exporter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from exporter_proc import ExporterProcess, Scrape
+from podsim import SimCluster, SimPod, wait_for_file
+from test_tcp_metrics import actions, finish, ready_path, serve
+
+HERE = Path(__file__).resolve().parent
+HTTP = str(HERE / "http_actions.py")
+REQ = "podnet_requests_total"
+DUR = "podnet_request_duration_seconds"
+
+
+@pytest.fixture(scope="module")
+def pods_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("req") / "pods.json"
+    path.write_text('{"apiVersion": "v1", "kind": "List", "items": []}')
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exporter(pods_file: str) -> Iterator[ExporterProcess]:
+    proc = ExporterProcess(["--pods-file", pods_file, "--poll-interval", "0.3"])
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+def http_server(pod: SimPod, port: int, delay_ms: float = 0) -> subprocess.Popen[bytes]:
+    ready = ready_path()
+    p = pod.popen(
+        [
+            sys.executable,
+            HTTP,
+            "server",
+            "--port",
+            str(port),
+            "--delay-ms",
+            str(delay_ms),
+            "--ready-file",
+            ready,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    wait_for_file(ready, proc=p)
+    return p
+
+
+def http_client(pod: SimPod, host: str, port: int, *args: object) -> dict[str, object]:
+    return finish(
+        pod.popen(
+            [sys.executable, HTTP, "client", "--host", host, "--port", str(port), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
+
+
+def of(pod: SimPod, **labels: str) -> dict[str, str]:
+    return {"namespace": pod.namespace, "pod": pod.name, **labels}
+
+
+def pair(cluster: SimCluster, pods_file: str, name: str) -> tuple[SimPod, SimPod]:
+    client = cluster.add_pod(f"{name}-client", workload=f"{name}c")
+    server = cluster.add_pod(f"{name}-server", workload=f"{name}s")
+    cluster.write_pods_file(pods_file)
+    return client, server
+
+
+def hist_mean(s: Scrape, **labels: str) -> float:
+    return s.value(DUR + "_sum", **labels) / s.value(DUR + "_count", **labels)
+
+
+def test_keepalive_requests_exact_with_duration(
+    cluster: SimCluster, exporter: ExporterProcess, pods_file: str
+) -> None:
+    c, srv = pair(cluster, pods_file, "ka")
+    server = http_server(srv, 8080, delay_ms=50)
+    try:
+        assert http_client(c, srv.ip, 8080, "--requests", 20)["requests"] == 20
+        s = exporter.fresh_scrape()
+    finally:
+        server.kill()
+    served = of(srv, role="server", protocol="http", method="GET", status_class="2xx")
+    made = of(c, role="client", protocol="http", method="GET", status_class="2xx")
+    assert s.value(REQ, **served) == 20
+    assert s.value(REQ, **made) == 20
+    assert s.value(REQ, **of(srv)) == 20
+    assert s.value(REQ, **of(c)) == 20
+    for pod, role in ((srv, "server"), (c, "client")):
+        labels = of(pod, role=role, protocol="http")
+        assert s.value(DUR + "_count", **labels) == 20
+        # Every request took the handler's 50 ms: all in the (31.25 ms, 62.5 ms] bucket.
+        assert s.value(DUR + "_bucket", **labels, le="0.03125") == 0
+        assert s.value(DUR + "_bucket", **labels, le="0.0625") == 20
+        assert 0.050 <= hist_mean(s, **labels) < 0.0625
+
+
+def test_concurrent_connections_and_methods(
+    cluster: SimCluster, exporter: ExporterProcess, pods_file: str
+) -> None:
+    c, srv = pair(cluster, pods_file, "cc")
+    server = http_server(srv, 8080)
+    try:
+        http_client(c, srv.ip, 8080, "--connections", 4, "--requests", 10, "--method", "POST")
+        http_client(c, srv.ip, 8080, "--requests", 3, "--method", "DELETE")
+        http_client(c, srv.ip, 8080, "--requests", 2, "--method", "PROPFIND")
+        s = exporter.fresh_scrape()
+    finally:
+        server.kill()
+    for pod, role in ((srv, "server"), (c, "client")):
+        assert s.value(REQ, **of(pod, role=role, method="POST", status_class="2xx")) == 40
+        assert s.value(REQ, **of(pod, role=role, method="DELETE")) == 3
+        # Outside the standard methods: still HTTP (the status line says so), method "other".
+        assert s.value(REQ, **of(pod, role=role, protocol="http", method="other")) == 2
+        assert s.value(REQ, **of(pod)) == 45
+
+
+def test_connection_close_and_error_statuses(
+    cluster: SimCluster, exporter: ExporterProcess, pods_file: str
+) -> None:
+    c, srv = pair(cluster, pods_file, "cl")
+    server = http_server(srv, 8080)
+    try:
+        http_client(c, srv.ip, 8080, "--requests", 5, "--close")
+        http_client(c, srv.ip, 8080, "--requests", 3, "--path", "/status/404")
+        http_client(c, srv.ip, 8080, "--requests", 2, "--path", "/status/503")
+        s = exporter.fresh_scrape()
+    finally:
+        server.kill()
+    for pod, role in ((srv, "server"), (c, "client")):
+        assert s.value(REQ, **of(pod, role=role, status_class="2xx")) == 5
+        assert s.value(REQ, **of(pod, role=role, status_class="4xx")) == 3
+        assert s.value(REQ, **of(pod, role=role, status_class="5xx")) == 2
+    assert s.value("podnet_tcp_connections_opened_total", **of(c, direction="outbound")) == 7
+
+
+def test_line_protocol_counts_as_other(
+    cluster: SimCluster, exporter: ExporterProcess, pods_file: str
+) -> None:
+    c, srv = pair(cluster, pods_file, "redis")
+    server = serve(srv, 6379, connections=1, mode="echo")
+    finish(
+        c.popen(
+            actions("pingpong", "--host", srv.ip, "--port", 6379, "--rounds", 25),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
+    finish(server)
+    s = exporter.fresh_scrape()
+    for pod, role in ((srv, "server"), (c, "client")):
+        labels = of(pod, role=role, protocol="other", method="", status_class="")
+        assert s.value(REQ, **labels) == 25
+        assert s.value(REQ, **of(pod)) == 25
+        assert s.value(DUR + "_count", **of(pod, role=role, protocol="other")) == 25

@@ -1,0 +1,813 @@
+"""The Helm chart helm/podnet-exporter (rendered offline with helm-python-sdk, objects checked against the
+Kubernetes OpenAPI schemas with kubernetes-validate), and the container image's Dockerfile."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+import exporter
+from exporter.config import parse_args, resolve
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "helm" / "podnet-exporter"
+RELEASE, NAMESPACE = "podnet", "podnet"
+FULLNAME = "podnet-podnet-exporter"
+# Oldest (Chart.yaml kubeVersion) and newest Kubernetes versions kubernetes-validate knows, plus one between.
+KUBE_VERSIONS = ("1.25.0", "1.30.0", "1.37.0")
+MONITORING = "monitoring.coreos.com/v1"
+EVERYTHING_ON: dict[str, Any] = {
+    "serviceMonitor": {
+        "enabled": True,
+        "interval": "15s",
+        "scrapeTimeout": "10s",
+        "labels": {"release": "kube-prometheus-stack"},
+        "relabelings": [{"targetLabel": "cluster", "replacement": "prod-eu"}],
+        "metricRelabelings": [
+            {"sourceLabels": ["__name__"], "regex": "podnet_exporter_bpf_.*", "action": "drop"}
+        ],
+    },
+    "otlp": {"endpoint": "http://otel-collector.observability:4317", "headersSecret": {"name": "otlp-auth"}},
+    "clusterName": "prod-eu",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "commonLabels": {"team": "net"},
+    "commonAnnotations": {"owner": "net-team"},
+    "podLabels": {"tier": "observability"},
+    "podAnnotations": {"example.com/x": "y"},
+    "extraArgs": ["--log-level", "debug"],
+    "extraEnv": [{"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "deployment.environment=prod"}],
+    "extraVolumes": [{"name": "ca", "configMap": {"name": "ca"}}],
+    "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/otel", "readOnly": True}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["gpu"]}]}
+                ]
+            }
+        }
+    },
+    "dashboards": {"namespace": "grafana", "folder": "Network", "labels": {"x": "y"}},
+}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART_DIR) as c:
+        yield c
+
+
+class Rendered:
+    def __init__(self, manifests: dict[str, str]) -> None:
+        self.notes = next((text for path, text in manifests.items() if path.endswith("NOTES.txt")), "")
+        self.objects: list[dict[str, Any]] = []
+        for path, text in sorted(manifests.items()):
+            if path.endswith("NOTES.txt"):
+                continue
+            self.objects += [d for d in yaml.safe_load_all(text) if d]
+
+    def kinds(self) -> list[str]:
+        return sorted(o["kind"] for o in self.objects)
+
+    def get(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [
+            o for o in self.objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+        ]
+        assert len(found) == 1, (kind, name, [o["metadata"]["name"] for o in found])
+        return found[0]
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    @property
+    def daemonset(self) -> dict[str, Any]:
+        return self.get("DaemonSet")
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        spec: dict[str, Any] = self.daemonset["spec"]["template"]["spec"]
+        return spec
+
+    @property
+    def container(self) -> dict[str, Any]:
+        (c,) = self.pod["containers"]
+        return dict(c)
+
+    @property
+    def config_map(self) -> dict[str, Any]:
+        return self.get("ConfigMap", FULLNAME)
+
+    @property
+    def exporter_config(self) -> dict[str, Any]:
+        data: dict[str, Any] = yaml.safe_load(self.config_map["data"]["config.yaml"])
+        return data
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None, name: str = RELEASE) -> Rendered:
+    return Rendered(chart.render(values or {}, name=name, namespace=NAMESPACE))
+
+
+def values_yaml() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    return data
+
+
+def leaf_keys(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Dotted keys of values.yaml down to the settings a user sets (free-form maps and lists are leaves)."""
+    free_form = {
+        "securityContext",
+        "resources",
+        "updateStrategy",
+        "nodeSelector",
+        "startupProbe",
+        "livenessProbe",
+        "readinessProbe",
+        "headers",
+    }
+    for key, value in values.items():
+        path = prefix + key
+        if isinstance(value, dict) and value and key not in free_form:
+            yield from leaf_keys(value, path + ".")
+        else:
+            yield path
+
+
+# ---- chart metadata, lint and schema ---------------------------------------------------------------------
+
+
+def test_chart_metadata(chart: helm.Chart) -> None:
+    meta = chart.metadata
+    assert meta["name"] == "podnet-exporter" and meta["apiVersion"] == "v2" and meta["type"] == "application"
+    assert meta["appVersion"] == exporter.__version__, (
+        "Chart.yaml appVersion must follow the exporter version"
+    )
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
+
+
+@pytest.mark.parametrize("values", [None, EVERYTHING_ON], ids=["defaults", "everything-on"])
+def test_lint_is_clean(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_schema_accepts_the_defaults(chart: helm.Chart) -> None:
+    chart.validate_schema(chart.values)
+    chart.validate_schema(EVERYTHING_ON)
+
+
+def test_schema_and_values_list_the_same_keys(chart: helm.Chart) -> None:
+    schema = chart.schema
+    assert schema is not None and schema["additionalProperties"] is False
+
+    def walk(values: dict[str, Any], node: dict[str, Any], path: str) -> None:
+        props = node.get("properties", {})
+        for key, value in values.items():
+            assert key in props, f"{path}{key} is in values.yaml but not in values.schema.json"
+            if isinstance(value, dict) and props[key].get("additionalProperties") is False:
+                walk(value, props[key], f"{path}{key}.")
+        if node.get("additionalProperties") is False and ("description" in node or not path):
+            missing = set(props) - set(values) - {"global"}
+            assert not missing, f"{path}: in the schema but not in values.yaml: {missing}"
+
+    walk(values_yaml(), schema, "")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"bogus": 1}, "additional properties 'bogus' not allowed"),
+        ({"serviceMonitor": {"enabeld": True}}, "additional properties 'enabeld' not allowed"),
+        ({"port": "9436"}, "at '/port': got string, want integer"),
+        ({"port": 0}, "at '/port': minimum"),
+        ({"port": 65536}, "at '/port': maximum"),
+        ({"service": {"port": 70000}}, "at '/service/port': maximum"),
+        ({"otlp": {"protocol": "http"}}, "at '/otlp/protocol': value must be one of 'grpc', 'http/protobuf'"),
+        (
+            {"otlp": {"histogram": "linear"}},
+            "at '/otlp/histogram': value must be one of 'exponential', 'explicit'",
+        ),
+        ({"otlp": {"temporality": "lowmemory"}}, "at '/otlp/temporality': value must be one of"),
+        ({"otlp": {"endpoint": "otel collector:4317"}}, "at '/otlp/endpoint'"),
+        ({"otlp": {"interval": 0}}, "at '/otlp/interval'"),
+        ({"config": {"histogramScale": 3}}, "at '/config/histogramScale': value must be one of 0, 1, 2"),
+        ({"config": {"mapEntries": 100}}, "at '/config/mapEntries': minimum"),
+        ({"config": {"logLevel": "verbose"}}, "at '/config/logLevel'"),
+        ({"config": {"cgroupRoot": "sys/fs/cgroup"}}, "at '/config/cgroupRoot'"),
+        ({"image": {"pullPolicy": "always"}}, "at '/image/pullPolicy'"),
+        ({"image": {"digest": "abc"}}, "at '/image/digest'"),
+        ({"serviceMonitor": {"interval": "30"}}, "at '/serviceMonitor/interval'"),
+        ({"clusterName": "prod\neu"}, "at '/clusterName'"),
+        ({"securityContext": {"privileged": "yes"}}, "at '/securityContext/privileged'"),
+        ({"tolerations": {"operator": "Exists"}}, "at '/tolerations': got object, want array"),
+    ],
+)
+def test_schema_rejects_bad_values_clearly(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as exc:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
+            "serviceMonitor.enabled and podMonitor.enabled are both true",
+        ),
+        (
+            {"otlp": {"headers": {"a": "b"}, "headersSecret": {"name": "s"}}},
+            "otlp.headers and otlp.headersSecret.name are both set",
+        ),
+        (
+            {"serviceMonitor": {"enabled": True}, "service": {"enabled": False}},
+            "serviceMonitor.enabled needs",
+        ),
+    ],
+)
+def test_contradictory_values_fail_with_a_message(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# ---- every object is valid Kubernetes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [None, EVERYTHING_ON, {"podMonitor": {"enabled": True}}],
+    ids=["defaults", "everything-on", "podmonitor"],
+)
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_objects_validate_against_the_kubernetes_schema(
+    chart: helm.Chart, values: dict[str, Any] | None, kube: str
+) -> None:
+    r = render(chart, values)
+    for obj in r.objects:
+        if obj["apiVersion"] == MONITORING:
+            continue  # a CRD: checked by test_monitors_have_the_operator_fields
+        kubernetes_validate.validate(obj, kube, strict=True)
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"]
+
+
+def test_default_objects(chart: helm.Chart) -> None:
+    r = render(chart)
+    assert r.kinds() == sorted(
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "ConfigMap",
+            "ConfigMap",
+            "DaemonSet",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    for obj in r.objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "podnet-exporter"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] == exporter.__version__
+
+
+def test_long_release_names_are_truncated(chart: helm.Chart) -> None:
+    r = render(chart, name="a-very-long-release-name-for-the-podnet-exporter-x")
+    for obj in r.objects:
+        assert len(obj["metadata"]["name"]) <= 63
+    assert render(chart, {"fullnameOverride": "podnet"}).daemonset["metadata"]["name"] == "podnet"
+
+
+# ---- the DaemonSet ---------------------------------------------------------------------------------------
+
+
+def test_daemonset_runs_everywhere_and_rolls_gently(chart: helm.Chart) -> None:
+    r = render(chart)
+    ds = r.daemonset
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": "10%"},
+    }
+    assert r.pod["tolerations"] == [{"operator": "Exists"}]
+    assert r.pod["priorityClassName"] == "system-node-critical"
+    assert r.pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    selector = ds["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    # A map default is removed key by key (Helm merges maps): null deletes.
+    narrow = render(
+        chart, {"tolerations": [], "priorityClassName": "", "nodeSelector": {"kubernetes.io/os": None}}
+    ).pod
+    assert "tolerations" not in narrow and "priorityClassName" not in narrow and "nodeSelector" not in narrow
+
+
+def test_security_context_is_least_privilege(chart: helm.Chart) -> None:
+    r = render(chart)
+    sc = r.container["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["BPF", "PERFMON", "SYS_RESOURCE", "DAC_READ_SEARCH"],
+    }
+    assert "SYS_ADMIN" not in json.dumps(r.objects)
+    assert r.pod["hostPID"] is False and r.pod["hostIPC"] is False
+    assert r.pod["hostNetwork"] is True and r.pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    pod_net = render(chart, {"hostNetwork": False}).pod
+    assert pod_net["hostNetwork"] is False and pod_net["dnsPolicy"] == "ClusterFirst"
+    # The escape hatch for kernels older than 5.8 or runtimes that do not know CAP_BPF.
+    hatch = render(chart, {"securityContext": {"privileged": True}}).container["securityContext"]
+    assert hatch["privileged"] is True
+
+
+def test_mounts_are_read_only_except_tmp(chart: helm.Chart) -> None:
+    r = render(chart)
+    mounts = {m["mountPath"]: m for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod["volumes"]}
+    host = {
+        path: volumes[m["name"]]["hostPath"]["path"]
+        for path, m in mounts.items()
+        if "hostPath" in volumes[m["name"]]
+    }
+    assert host == {
+        "/lib/modules": "/lib/modules",
+        "/usr/src": "/usr/src",
+        "/host/sys/fs/cgroup": "/sys/fs/cgroup",
+    }
+    for path in host:
+        assert mounts[path]["readOnly"] is True, path
+    assert mounts["/etc/podnet"]["readOnly"] is True
+    assert volumes[mounts["/tmp"]["name"]]["emptyDir"] == {"sizeLimit": "64Mi"}
+    assert not mounts["/tmp"].get("readOnly")
+    # Nothing else of the host: no /proc, /sys/kernel/debug, tracefs, bpffs or the runtime socket.
+    assert len(mounts) == 5
+    assert r.exporter_config["cgroup_root"] == "/host/sys/fs/cgroup"
+    no_src = render(chart, {"hostPaths": {"usrSrc": ""}})
+    assert "/usr/src" not in {m["mountPath"] for m in no_src.container["volumeMounts"]}
+
+
+def test_container_command_env_ports_and_probes(chart: helm.Chart) -> None:
+    r = render(chart)
+    c = r.container
+    assert c["image"] == f"ghcr.io/podnet/podnet-exporter:{exporter.__version__}"
+    assert c["imagePullPolicy"] == "IfNotPresent"
+    assert c["args"] == ["run", "--config", "/etc/podnet/config.yaml"]
+    assert "command" not in c  # the image's ENTRYPOINT podnet-exporter
+    assert c["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9436, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # The first start compiles the eBPF programs: give it minutes, not the liveness probe's seconds.
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 180
+    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    assert r.pod["serviceAccountName"] == FULLNAME
+    assert r.pod["automountServiceAccountToken"] is True
+
+
+def test_image_settings(chart: helm.Chart) -> None:
+    digest = "sha256:" + "a" * 64
+    r = render(
+        chart,
+        {
+            "image": {
+                "repository": "registry.example.com/podnet",
+                "tag": "1.2.3",
+                "digest": digest,
+                "pullPolicy": "Always",
+            },
+            "imagePullSecrets": [{"name": "regcred"}],
+        },
+    )
+    assert r.container["image"] == f"registry.example.com/podnet:1.2.3@{digest}"
+    assert r.container["imagePullPolicy"] == "Always"
+    assert r.pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert render(chart, {"image": {"tag": "main"}}).container["image"].endswith(":main")
+
+
+def test_extras_and_labels(chart: helm.Chart) -> None:
+    r = render(chart, EVERYTHING_ON)
+    c = r.container
+    assert c["args"][-2:] == ["--log-level", "debug"]
+    assert {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "deployment.environment=prod"} in c["env"]
+    assert {"name": "ca", "mountPath": "/etc/ssl/otel", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "ca", "configMap": {"name": "ca"}} in r.pod["volumes"]
+    assert r.pod["affinity"] == EVERYTHING_ON["affinity"]
+    assert r.pod["imagePullSecrets"] == [{"name": "regcred"}]
+    template = r.daemonset["spec"]["template"]["metadata"]
+    assert template["labels"]["tier"] == "observability" and template["labels"]["team"] == "net"
+    assert template["annotations"]["example.com/x"] == "y"
+    for obj in r.objects:
+        assert obj["metadata"]["labels"]["team"] == "net", obj["kind"]
+        assert obj["metadata"]["annotations"]["owner"] == "net-team", obj["kind"]
+
+
+# ---- exporter settings -----------------------------------------------------------------------------------
+
+
+def resolved(r: Rendered, tmp_path: Path, env: dict[str, str] | None = None) -> Any:
+    """The rendered config.yaml as the real exporter reads it (raises ConfigError when it would not start)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(r.config_map["data"]["config.yaml"])
+    args = r.container["args"]
+    assert args[:3] == ["run", "--config", "/etc/podnet/config.yaml"]
+    _, ns = parse_args(["run", "--config", str(path), *args[3:]])
+    return resolve(ns, {"NODE_NAME": "node-a", **(env or {})})
+
+
+def test_default_config_is_accepted_by_the_exporter(chart: helm.Chart, tmp_path: Path) -> None:
+    cfg = resolved(render(chart), tmp_path)
+    assert (cfg.listen_host, cfg.listen_port) == ("0.0.0.0", 9436)
+    assert cfg.poll_interval == 5 and cfg.log_level == "info" and cfg.max_series == 10000
+    assert cfg.map_entries == 65536 and cfg.histogram_scale == 0
+    assert cfg.cgroup_root == "/host/sys/fs/cgroup"
+    assert cfg.node_name == "node-a"
+    assert cfg.cluster_name == "" and cfg.otlp is None
+    assert cfg.pods_file is None  # the Kubernetes API, not a file
+
+
+def test_settings_reach_the_exporter(chart: helm.Chart, tmp_path: Path) -> None:
+    values = {
+        "port": 9500,
+        "clusterName": "prod-eu",
+        "config": {
+            "pollInterval": 2.5,
+            "logLevel": "debug",
+            "maxSeries": 5000,
+            "mapEntries": 131072,
+            "histogramScale": 2,
+            "cgroupRoot": "/host/sys/fs/cgroup/unified",
+        },
+        "otlp": {
+            "endpoint": "https://otel.example.com:4318/v1/metrics",
+            "protocol": "http/protobuf",
+            "interval": 15,
+            "timeout": 5,
+            "histogram": "explicit",
+            "temporality": "delta",
+            "headers": {"X-Scope-OrgID": "team-a"},
+        },
+    }
+    r = render(chart, values)
+    cfg = resolved(r, tmp_path)
+    assert cfg.listen_port == 9500 and r.container["ports"][0]["containerPort"] == 9500
+    assert r.daemonset["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9500"
+    assert cfg.poll_interval == 2.5 and cfg.log_level == "debug" and cfg.max_series == 5000
+    assert cfg.map_entries == 131072 and cfg.histogram_scale == 2
+    assert cfg.cgroup_root == "/host/sys/fs/cgroup/unified" and cfg.cluster_name == "prod-eu"
+    assert cfg.otlp is not None
+    assert cfg.otlp.endpoint == "https://otel.example.com:4318/v1/metrics"
+    assert (cfg.otlp.protocol, cfg.otlp.interval, cfg.otlp.timeout) == ("http/protobuf", 15, 5)
+    assert (cfg.otlp.histogram, cfg.otlp.temporality, cfg.otlp.insecure) == ("explicit", "delta", False)
+    assert cfg.otlp.headers == (("x-scope-orgid", "team-a"),)
+
+
+def test_otlp_headers_from_a_secret(chart: helm.Chart, tmp_path: Path) -> None:
+    r = render(
+        chart,
+        {
+            "otlp": {
+                "endpoint": "otel:4317",
+                "insecure": True,
+                "headersSecret": {"name": "otlp-auth", "key": "h"},
+            }
+        },
+    )
+    env = {e["name"]: e for e in r.container["env"]}
+    assert env["PODNET_OTLP_HEADERS"]["valueFrom"] == {"secretKeyRef": {"name": "otlp-auth", "key": "h"}}
+    assert "headers" not in r.exporter_config["otlp"]  # nothing secret in the ConfigMap
+    cfg = resolved(r, tmp_path, {"PODNET_OTLP_HEADERS": "authorization=Bearer%20s3cr3t"})
+    assert cfg.otlp is not None and cfg.otlp.endpoint == "http://otel:4317" and cfg.otlp.insecure
+    assert cfg.otlp.headers == (("authorization", "Bearer s3cr3t"),)
+
+
+def test_config_change_rolls_the_pods(chart: helm.Chart) -> None:
+    def checksum(values: dict[str, Any] | None) -> str:
+        return str(
+            render(chart, values).daemonset["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        )
+
+    default = checksum(None)
+    assert re.fullmatch(r"[0-9a-f]{64}", default)
+    assert checksum(None) == default
+    assert checksum({"config": {"pollInterval": 10}}) != default
+    assert checksum({"otlp": {"endpoint": "http://otel:4317"}}) != default
+    assert checksum({"podLabels": {"a": "b"}}) == default
+
+
+# ---- RBAC, Service, scraping -----------------------------------------------------------------------------
+
+
+def test_rbac_is_pods_get_list_watch_only(chart: helm.Chart) -> None:
+    r = render(chart)
+    role = r.get("ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = r.get("ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": FULLNAME,
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert r.get("ServiceAccount")["metadata"]["name"] == FULLNAME
+    none = render(chart, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}})
+    assert not none.all("ClusterRole") and not none.all("ServiceAccount")
+    assert none.pod["serviceAccountName"] == "mine"
+
+
+def test_service_selects_the_exporter_pods(chart: helm.Chart) -> None:
+    r = render(chart)
+    svc = r.get("Service")
+    assert svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 9436, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert svc["spec"]["selector"].items() <= r.daemonset["spec"]["template"]["metadata"]["labels"].items()
+    assert not render(chart, {"service": {"enabled": False}}).all("Service")
+
+
+def test_scrape_annotations_toggle(chart: helm.Chart) -> None:
+    on = render(chart).daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert (on["prometheus.io/scrape"], on["prometheus.io/port"], on["prometheus.io/path"]) == (
+        "true",
+        "9436",
+        "/metrics",
+    )
+    off = render(chart, {"scrapeAnnotations": {"enabled": False}}).daemonset["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert not any(k.startswith("prometheus.io/") for k in off)
+
+
+# Fields of the Prometheus Operator CRDs (monitoring.coreos.com/v1) the chart may set.
+ENDPOINT_FIELDS = {
+    "port",
+    "path",
+    "interval",
+    "scrapeTimeout",
+    "honorLabels",
+    "relabelings",
+    "metricRelabelings",
+}
+RELABEL_FIELDS = {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action"}
+
+
+def _check_monitor(mon: dict[str, Any], kind: str, endpoints_key: str, r: Rendered) -> dict[str, Any]:
+    assert mon["apiVersion"] == MONITORING and mon["kind"] == kind
+    spec = mon["spec"]
+    assert set(spec) == {"selector", "namespaceSelector", endpoints_key}
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (ep,) = spec[endpoints_key]
+    assert set(ep) <= ENDPOINT_FIELDS
+    assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+    # Without honorLabels, Prometheus renames the exporter's namespace/pod labels exported_*.
+    assert ep["honorLabels"] is True
+    for relabel in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
+        assert set(relabel) <= RELABEL_FIELDS
+    return dict(ep)
+
+
+def test_service_monitor(chart: helm.Chart) -> None:
+    assert not render(chart).all("ServiceMonitor")
+    r = render(chart, EVERYTHING_ON)
+    mon = r.get("ServiceMonitor")
+    ep = _check_monitor(mon, "ServiceMonitor", "endpoints", r)
+    assert (ep["interval"], ep["scrapeTimeout"]) == ("15s", "10s")
+    assert ep["relabelings"] == EVERYTHING_ON["serviceMonitor"]["relabelings"]
+    assert ep["metricRelabelings"] == EVERYTHING_ON["serviceMonitor"]["metricRelabelings"]
+    assert mon["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    svc = r.get("Service")
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert "WARNING" in r.notes  # the annotations are still on: scraped twice if one Prometheus reads both
+    elsewhere = render(
+        chart,
+        {
+            "serviceMonitor": {"enabled": True, "namespace": "monitoring"},
+            "scrapeAnnotations": {"enabled": False},
+        },
+    )
+    assert elsewhere.get("ServiceMonitor")["metadata"]["namespace"] == "monitoring"
+    assert "WARNING" not in elsewhere.notes
+
+
+def test_pod_monitor(chart: helm.Chart) -> None:
+    assert not render(chart).all("PodMonitor")
+    r = render(chart, {"podMonitor": {"enabled": True, "interval": "1m", "labels": {"release": "prom"}}})
+    mon = r.get("PodMonitor")
+    ep = _check_monitor(mon, "PodMonitor", "podMetricsEndpoints", r)
+    assert ep["interval"] == "1m" and "scrapeTimeout" not in ep
+    pod_labels = r.daemonset["spec"]["template"]["metadata"]["labels"]
+    assert mon["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert [p["name"] for p in r.container["ports"]] == ["metrics"]
+
+
+def test_notes(chart: helm.Chart) -> None:
+    notes = render(chart).notes
+    assert f"kubectl -n {NAMESPACE} get daemonset {FULLNAME}" in notes
+    assert "pod-security.kubernetes.io/enforce=privileged" in notes
+    assert "honor_labels: true" in notes
+    assert "podnet-exporter doctor" in notes
+    silent = render(chart, {"scrapeAnnotations": {"enabled": False}}).notes
+    assert "Nothing configures scraping" in silent
+
+
+# ---- Grafana dashboards ----------------------------------------------------------------------------------
+
+
+def test_dashboards_are_shipped_for_the_grafana_sidecar(chart: helm.Chart) -> None:
+    sources = {p.name: p.read_text() for p in sorted((REPO / "dashboards").glob("*.json"))}
+    r = render(chart)
+    maps = [cm for cm in r.all("ConfigMap") if cm["metadata"]["name"] != FULLNAME]
+    assert len(maps) == len(sources) == 2
+    shipped: dict[str, str] = {}
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["namespace"] == NAMESPACE
+        assert "annotations" not in cm["metadata"]
+        shipped.update(cm["data"])
+    # The chart copies dashboards/*.json verbatim (test_dashboards.py checks the copies byte for byte).
+    assert shipped == sources
+    for text in shipped.values():
+        json.loads(text)
+
+
+def test_dashboard_settings(chart: helm.Chart) -> None:
+    r = render(
+        chart,
+        {
+            "dashboards": {
+                "label": "grafana.com/dashboard",
+                "labelValue": "podnet",
+                "namespace": "grafana",
+                "folder": "Network",
+                "folderAnnotation": "k8s-sidecar-target-directory",
+                "annotations": {"a": "b"},
+            }
+        },
+    )
+    maps = [cm for cm in r.all("ConfigMap") if cm["metadata"]["name"] != FULLNAME]
+    assert len(maps) == 2
+    for cm in maps:
+        meta = cm["metadata"]
+        assert (
+            meta["labels"]["grafana.com/dashboard"] == "podnet" and "grafana_dashboard" not in meta["labels"]
+        )
+        assert meta["namespace"] == "grafana"
+        assert meta["annotations"] == {"k8s-sidecar-target-directory": "Network", "a": "b"}
+    assert [
+        cm["metadata"]["name"] for cm in render(chart, {"dashboards": {"enabled": False}}).all("ConfigMap")
+    ] == [FULLNAME]
+
+
+def test_dashboard_configmaps_fit(chart: helm.Chart) -> None:
+    for cm in render(chart).all("ConfigMap"):
+        # 1 MiB is the ConfigMap limit; client-side kubectl apply stores a copy in a 256 KiB annotation.
+        assert len(json.dumps(cm)) < 256 * 1024, cm["metadata"]["name"]
+
+
+# ---- docs ------------------------------------------------------------------------------------------------
+
+
+def test_docs_list_every_value() -> None:
+    docs = (REPO / "docs" / "HELM.md").read_text()
+    section = docs.split("\n## Values\n", 1)[1].split("\n## ", 1)[0]
+    table = {m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", section, re.M)}
+    keys = set(leaf_keys(values_yaml()))
+    assert keys - table == set(), "values missing from the docs/HELM.md values table"
+    assert table - keys == set(), "docs/HELM.md documents values that do not exist"
+    for cap in ("BPF", "PERFMON", "SYS_RESOURCE", "DAC_READ_SEARCH"):
+        assert f"`{cap}`" in docs, cap
+    for path in ("/lib/modules", "/usr/src", "/sys/fs/cgroup", "/tmp"):
+        assert f"`{path}`" in docs, path
+    assert "helm install podnet helm/podnet-exporter -n podnet --create-namespace" in docs
+
+
+# ---- container image -------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comment lines dropped, as BuildKit does."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (REPO / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def test_dockerfile_base_image_is_debian_bookworm_slim() -> None:
+    ins = dockerfile_instructions()
+    args = {}
+    for word, rest in ins:
+        if word == "ARG" and "=" in rest:
+            k, _, v = rest.partition("=")
+            args[k] = v
+    stages: set[str] = set()
+    for word, rest in ins:
+        if word != "FROM":
+            continue
+        image = re.sub(r"--platform=\S+\s+", "", rest).split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        parts = rest.split()
+        if image not in stages:
+            assert image in ("debian:bookworm-slim", "debian:12-slim"), image
+        if len(parts) >= 3 and parts[-2].upper() == "AS":
+            stages.add(parts[-1])
+    assert ins[-1] == ("CMD", '["run"]')
+
+
+def test_dockerfile_installs_bcc_from_debian_only() -> None:
+    text = " ".join(f"{w} {r}" for w, r in dockerfile_instructions())
+    apt = re.search(r"apt-get install ([^&;]+)", text)
+    assert apt, "no apt-get install"
+    packages = {p for p in apt.group(1).split() if not p.startswith("-")}
+    assert {"python3", "python3-venv", "python3-bpfcc"} <= packages
+    # setup.sh is the reference for the host: the image needs a subset of its packages.
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    host = set(re.search(r"^pkgs=\(([^)]*)\)", setup, re.M).group(1).split())  # type: ignore[union-attr]
+    assert packages <= host
+    assert not re.search(r"pip3?\s+install[^&;]*\bbcc\b", text), (
+        "never pip install bcc: PyPI's bcc is unrelated"
+    )
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert not re.search(r'^\s*"bcc\b', pyproject, re.M)
+    # The venv sees Debian's BCC through a symlink, exactly where scripts/setup.sh points it.
+    bcc_src = re.search(r"^bcc_src=(\S+)", setup, re.M).group(1)  # type: ignore[union-attr]
+    assert f"ln -s {bcc_src} " in text
+    assert "import bcc, exporter" in text  # the build fails if either is not importable
+
+
+def test_dockerfile_entrypoint_and_layout() -> None:
+    ins = dockerfile_instructions()
+    final = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
+    words = dict(final)
+    assert json.loads(words["ENTRYPOINT"]) == ["podnet-exporter"]
+    assert json.loads(words["CMD"]) == ["run"]
+    assert "podnet-exporter" in (REPO / "pyproject.toml").read_text()  # the console script
+    assert words.get("USER", "root") == "root"  # BPF needs root with capabilities; see docs/HELM.md
+    assert words["EXPOSE"] == "9436"
+    env = dict(item.split("=", 1) for item in shlex.split(" ".join(r for w, r in final if w == "ENV")))
+    copies = [shlex.split(r) for w, r in final if w == "COPY"]
+    bpf_dest = next(c[-1] for c in copies if c[-2].rstrip("/") == "bpf")
+    assert env["PODNET_BPF_DIR"].rstrip("/") == bpf_dest.rstrip("/")
+    assert env["PATH"].startswith("/opt/podnet/venv/bin:")
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"  # read-only root filesystem
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves `path` out (last matching pattern wins, ! re-includes)."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").rstrip("/")
+        regex = re.escape(pat).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        if re.fullmatch(f"{regex}(/.*)?", path):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerfile_copies_exist_and_are_in_the_build_context() -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for word, rest in dockerfile_instructions():
+        if word != "COPY" or "--from=" in rest:
+            continue
+        for src in shlex.split(rest)[:-1]:
+            src = src.rstrip("/")
+            assert (REPO / src).exists(), f"COPY {src}: missing from the repository"
+            assert not _dockerignored(src, patterns), f"COPY {src}: excluded by .dockerignore"
+            if (REPO / src).is_dir():
+                for f in (REPO / src).rglob("*"):
+                    rel = f.relative_to(REPO).as_posix()
+                    if f.is_file() and "__pycache__" not in rel:
+                        assert not _dockerignored(rel, patterns), rel
+    for private in (".venv", ".git", "tests/kernel/podsim.py", "exporter/__pycache__/x.pyc"):
+        assert _dockerignored(private, patterns), private

@@ -27,7 +27,7 @@
 
 struct tcp_flow_key {
     u64 cgroup_id;
-    u8 peer[16];    /* v4-mapped for IPv4; all zero: peers not tracked, the flow map was full */
+    u8 peer[16];    /* v4-mapped for IPv4 */
 };
 
 struct tcp_bytes {
@@ -49,6 +49,7 @@ struct tcp_sock_info {
 
 #define PODNET_MAPID_REQUESTS 2
 #define PODNET_MAPID_REQUEST_HIST 3
+#define PODNET_MAPID_TCP_FLOW_OVERFLOW 4
 
 BPF_TABLE("lru_hash", u64, struct tcp_sock_info, tcp_sock_identity, PODNET_SOCK_ENTRIES);
 BPF_F_TABLE("percpu_hash", struct podnet_request_key, u64, requests_by_cgroup, PODNET_MAP_ENTRIES,
@@ -59,6 +60,8 @@ BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, reque
  * memory follows the number of live flows. */
 BPF_F_TABLE("percpu_hash", struct tcp_flow_key, struct tcp_bytes, tcp_flow_bytes, PODNET_FLOW_ENTRIES,
             BPF_F_NO_PREALLOC);
+/* Bytes of owners whose flow could not get an entry: the owner's totals stay exact. */
+BPF_F_TABLE("percpu_hash", u64, struct tcp_bytes, tcp_flow_overflow, PODNET_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, tcp_rtt_hist, PODNET_HIST_ENTRIES,
             BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(map_update_failures, u64, PODNET_MAX_MAP_IDS);
@@ -172,13 +175,12 @@ static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int 
     if (!tcp_flow_bytes.update(id, &init))
         return 0;
     podnet_count_failure(PODNET_MAPID_TCP_FLOW_BYTES);
-    /* Full: keep the pod's total exact in its catch-all flow (peer unknown). */
-    struct tcp_flow_key other = {.cgroup_id = id->cgroup_id};
-    v = tcp_flow_bytes.lookup(&other);
+    u64 cgroup_id = id->cgroup_id;
+    v = tcp_flow_overflow.lookup(&cgroup_id);
     if (v)
         add_bytes(v, ret, sent);
-    else
-        tcp_flow_bytes.update(&other, &init);
+    else if (tcp_flow_overflow.update(&cgroup_id, &init))
+        podnet_count_failure(PODNET_MAPID_TCP_FLOW_OVERFLOW);
     return 0;
 }
 

@@ -64,6 +64,9 @@ class SockInfo(ct.Structure):
     ]
 
 
+UNTRACKED_PEER = bytes(16)
+"""Flow key peer of the bytes counted in tcp_flow_overflow (flow map full)."""
+
 # bpf/requests.h codes: index = code.
 ROLES = ("", "server", "client")
 PROTOCOLS = ("", "other", "http")
@@ -98,6 +101,7 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "requests_by_cgroup": (RequestKey, ct.c_uint64),
     "request_duration_hist": (HistKey, HistVal),
     "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
+    "tcp_flow_overflow": (CgroupKey, TcpBytes),
     "tcp_conn_by_cgroup": (CgroupKey, TcpConnCounters),
     "tcp_connects_pending": (SockKey, ConnectStart),
     "tcp_socks_open": (SockKey, OpenSock),
@@ -108,7 +112,13 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 }
 
 MAP_IDS: dict[str, tuple[str, ...]] = {
-    "tcp_traffic": ("tcp_flow_bytes", "tcp_rtt_hist", "requests_by_cgroup", "request_duration_hist"),
+    "tcp_traffic": (
+        "tcp_flow_bytes",
+        "tcp_rtt_hist",
+        "requests_by_cgroup",
+        "request_duration_hist",
+        "tcp_flow_overflow",
+    ),
     "tcp_state": (
         "tcp_conn_by_cgroup",
         "tcp_connects_pending",

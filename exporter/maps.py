@@ -110,6 +110,16 @@ class MapReader:
                 c.sent += sent
                 c.received += received
             raw.map_entries["tcp_flow_bytes"] = len(raw.flows)
+            n = 0
+            for k, per_cpu in self._items("tcp_traffic", "tcp_flow_overflow"):
+                sent = sum(v.sent for v in per_cpu)
+                received = sum(v.received for v in per_cpu)
+                raw.flows[(_int(k), bs.UNTRACKED_PEER)] = (sent, received)
+                c = raw.cgroups[_int(k)]
+                c.sent += sent
+                c.received += received
+                n += 1
+            raw.map_entries["tcp_flow_overflow"] = n
             raw.map_entries["tcp_rtt_hist"] = _read_hist(self._items("tcp_traffic", "tcp_rtt_hist"), raw.rtt)
             n = 0
             for k, per_cpu in self._items("tcp_traffic", "requests_by_cgroup"):
@@ -183,7 +193,11 @@ class MapReader:
             for slot in raw.connect.get(cg, {}):
                 keys.append(("tcp_state", "tcp_connect_duration_hist", bs.HistKey(cg, slot, 0)))
         for cg, peer in raw.flows:
-            if cg in dead:
+            if cg not in dead:
+                continue
+            if peer == bs.UNTRACKED_PEER:
+                keys.append(("tcp_traffic", "tcp_flow_overflow", bs.CgroupKey(cg)))
+            else:
                 key = bs.TcpFlowKey(cg, (ct.c_uint8 * 16).from_buffer_copy(peer))
                 keys.append(("tcp_traffic", "tcp_flow_bytes", key))
         deleted = 0

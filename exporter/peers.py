@@ -10,6 +10,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from exporter.bpf_structs import UNTRACKED_PEER
 from exporter.identity import Identity
 from exporter.metadata import PodStore
 
@@ -20,7 +21,7 @@ PEER_NODE = "node"
 PEER_EXTERNAL = "external"
 PEER_UNKNOWN = "unknown"
 """Bytes the kernel could not attribute to a peer because its flow map was full."""
-_UNTRACKED = bytes(16)
+_UNTRACKED = UNTRACKED_PEER
 
 
 def peer_address(addr16: bytes) -> str:

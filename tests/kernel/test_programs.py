@@ -1,0 +1,193 @@
+"""The loader and the kernel maps, in-process: hooks missing on a kernel, full maps,
+per-socket state freed, bpf_stats. Real programs on the real kernel."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from podsim import SimCluster, traffic_argv, wait_for_file
+
+from exporter.bpfstats import prog_run_stats
+from exporter.btf import Btf
+from exporter.maps import MapReader
+from exporter.offsets import resolve_offsets
+from exporter.programs import LoadedPrograms, MapSizes, load_programs
+
+
+class HidingBtf:
+    """The running kernel's BTF, minus some tracepoints: a kernel without those hooks."""
+
+    def __init__(self, real: Btf, hidden: set[str]) -> None:
+        self._real = real
+        self._hidden = hidden
+
+    def raw_tracepoint_args(self, tracepoint: str) -> list[str] | None:
+        return None if tracepoint in self._hidden else self._real.raw_tracepoint_args(tracepoint)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+@pytest.fixture(scope="module")
+def btf() -> Btf:
+    return Btf.load()
+
+
+def load(btf: Btf, hidden: frozenset[str] = frozenset(), sizes: MapSizes | None = None) -> LoadedPrograms:
+    b = HidingBtf(btf, set(hidden)) if hidden else btf
+    sizes = sizes or MapSizes(4096)
+    return load_programs(b, resolve_offsets(btf), sizes)  # type: ignore[arg-type]
+
+
+def loopback_exchange(connections: int, send: int, reply: int) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(connections):
+            c, _ = srv.accept()
+            got = 0
+            while got < send:
+                got += len(c.recv(65536))
+            c.sendall(b"r" * reply)
+            c.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"s" * send)
+            while c.recv(65536):
+                pass
+    t.join()
+    srv.close()
+
+
+def test_missing_optional_hook_leaves_the_rest_running(btf: Btf, caplog: pytest.LogCaptureFixture) -> None:
+    progs = load(btf, frozenset({"tcp_probe", "tcp_send_reset"}))
+    try:
+        status = {h.hook.label: h for h in progs.hooks}
+        assert not status["tcp_probe"].attached
+        assert status["tcp_probe"].reason == "kernel has no tracepoint tcp_probe"
+        assert not status["tcp_send_reset"].attached
+        for label in ("sock_send_length", "sock_recv_length", "inet_sock_set_state", "tcp_retransmit_skb"):
+            assert status[label].attached, status[label].reason
+        assert "podnet_tcp_rtt_seconds" in caplog.text
+    finally:
+        progs.close()
+
+
+def test_missing_required_hook_disables_only_its_program(btf: Btf) -> None:
+    # Without tcp_destroy_sock the socket cache could outlive sockets: tcp_traffic must not run.
+    progs = load(btf, frozenset({"tcp_destroy_sock"}))
+    try:
+        by_program: dict[str, list[bool]] = {}
+        for h in progs.hooks:
+            by_program.setdefault(h.program, []).append(h.attached)
+        assert by_program["tcp_traffic"] == [False] * len(by_program["tcp_traffic"])
+        assert all(by_program["tcp_state"]) and all(by_program["tcp_events"])
+        assert "tcp_traffic" not in progs.objects
+    finally:
+        progs.close()
+
+
+def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimCluster) -> None:
+    # A flow map of 8 entries and 11 peers: the overflow is counted, the owner's totals stay
+    # exact through its catch-all flow.
+    progs = load(btf, sizes=MapSizes(2))
+    try:
+        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-full.service")
+        ready = os.path.join(cluster_tmp(), f"{cluster.tag}-ready")
+        server = cluster.cgroup_popen(
+            cg_dir,
+            traffic_argv(
+                "server", "--port", 47200, "--connections", 11, "--reply-bytes", 7, "--ready-file", ready
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_file(ready, proc=server)
+        for i in range(2, 13):
+            cluster.cgroup_popen(
+                cg_dir,
+                traffic_argv(
+                    "client",
+                    "--host",
+                    f"127.0.0.{i}",
+                    "--port",
+                    47200,
+                    "--connections",
+                    1,
+                    "--send-bytes",
+                    100,
+                    "--expect-bytes",
+                    7,
+                ),
+                stdout=subprocess.DEVNULL,
+            ).wait(30)
+        assert server.wait(30) == 0
+        raw = MapReader(progs).read()
+        assert raw.map_failures["tcp_flow_bytes"] > 0
+        assert raw.map_entries["tcp_flow_bytes"] <= 8
+        assert raw.cgroups[cg_id].sent == 11 * (100 + 7)
+        assert raw.cgroups[cg_id].received == 11 * (100 + 7)
+        assert (cg_id, bytes(16)) in raw.flows  # the catch-all: peer unknown
+    finally:
+        progs.close()
+
+
+def cluster_tmp() -> str:
+    return tempfile.gettempdir()
+
+
+def test_per_socket_state_is_freed(btf: Btf) -> None:
+    progs = load(btf)
+    try:
+        reader = MapReader(progs)
+        loopback_exchange(connections=20, send=100, reply=10)
+        raw = reader.read()
+        # Every connection closed: nothing pending, nothing tracked as open by this exchange.
+        assert raw.map_entries["tcp_connects_pending"] == 0
+        table = progs.table("tcp_traffic", "tcp_sock_identity")
+        assert table is not None
+        ours = [k for k, v in table.items() if v.flow.peer[10:16] == bytes([255, 255, 127, 0, 0, 1])]
+        assert len(ours) <= 2  # at most the listener-side leftovers of sockets still in teardown
+    finally:
+        progs.close()
+
+
+@pytest.fixture
+def bpf_stats() -> Iterator[None]:
+    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    old = path.read_text().strip()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+def test_bpf_stats_per_program(btf: Btf, bpf_stats: None) -> None:
+    progs = load(btf)
+    try:
+        loopback_exchange(connections=5, send=100, reply=10)
+        fds = progs.program_fds()
+        runs = {label: prog_run_stats(fd) for label, fd in fds.items()}
+        assert runs["sock_send_length"] is not None
+        ns, count = runs["sock_send_length"]  # type: ignore[misc]
+        assert count >= 10 and ns > 0
+    finally:
+        progs.close()
+
+
+def test_cgroup_of_this_process_is_resolvable() -> None:
+    assert os.path.exists("/proc/self/cgroup")

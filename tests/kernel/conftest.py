@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import podsim
+from exporter_proc import ExporterProcess
 
 
 def kernel_skip_reason() -> str | None:
@@ -62,3 +63,22 @@ def cluster() -> Iterator[podsim.SimCluster]:
 def traffic_py() -> str:
     """Path of traffic.py (run it with podsim.traffic_argv(...) inside a pod)."""
     return podsim.TRAFFIC_PY
+
+
+@pytest.fixture(scope="module")
+def pods_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An empty PodList the module's exporter watches; tests rewrite it as they add pods."""
+    path = tmp_path_factory.mktemp("pods") / "pods.json"
+    path.write_text('{"apiVersion": "v1", "kind": "List", "items": []}')
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exporter(pods_file: str) -> Iterator[ExporterProcess]:
+    """The real exporter, one per test module, polling every 0.3 s."""
+    proc = ExporterProcess(["--pods-file", pods_file, "--poll-interval", "0.3"])
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from exporter_proc import ExporterProcess, Scrape
 from podsim import SimCluster, SimPod, wait_for_file
 from test_tcp_metrics import actions, finish, ready_path, serve
@@ -17,23 +15,6 @@ HERE = Path(__file__).resolve().parent
 HTTP = str(HERE / "http_actions.py")
 REQ = "podnet_requests_total"
 DUR = "podnet_request_duration_seconds"
-
-
-@pytest.fixture(scope="module")
-def pods_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("req") / "pods.json"
-    path.write_text('{"apiVersion": "v1", "kind": "List", "items": []}')
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def exporter(pods_file: str) -> Iterator[ExporterProcess]:
-    proc = ExporterProcess(["--pods-file", pods_file, "--poll-interval", "0.3"])
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
 
 
 def http_server(pod: SimPod, port: int, delay_ms: float = 0) -> subprocess.Popen[bytes]:

@@ -9,33 +9,13 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from exporter_proc import ExporterProcess, Scrape
 from podsim import SimCluster, SimPod, traffic_argv, wait_for_file
 
 HERE = Path(__file__).resolve().parent
 ACTIONS = str(HERE / "tcp_actions.py")
-
-
-@pytest.fixture(scope="module")
-def pods_file() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "pods.json")
-        Path(path).write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": []}))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def exporter(pods_file: str) -> Iterator[ExporterProcess]:
-    proc = ExporterProcess(["--pods-file", pods_file, "--poll-interval", "0.3"])
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
 
 
 def ready_path() -> str:
@@ -111,6 +91,11 @@ def full_labels(pod: SimPod) -> dict[str, str]:
         "workload": pod.workload,
         "workload_kind": pod.workload_kind,
     }
+
+
+def netns_run(pod: SimPod, command: str) -> None:
+    """Run a command (words separated by spaces) in the pod's network namespace."""
+    subprocess.run(["ip", "netns", "exec", pod.netns, *command.split()], check=True)
 
 
 def netns_snmp(pod: SimPod, field: str) -> int:
@@ -307,25 +292,7 @@ def test_failed_connects_by_reason(cluster: SimCluster, exporter: ExporterProces
     )
     assert refused["result"] == "refused"
     # A dropped SYN and a client that gives up after 1 s.
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            b.netns,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "9999",
-            "--syn",
-            "-j",
-            "DROP",
-        ],
-        check=True,
-    )
+    netns_run(b, "iptables -A INPUT -p tcp --dport 9999 --syn -j DROP")
     timed_out = finish(
         a.popen(
             traffic_argv("connect", "--host", b.ip, "--port", 9999, "--timeout", 1),
@@ -383,35 +350,10 @@ def test_retransmits_match_the_kernels_count(
     b = cluster.add_pod("lossy-server", workload="lossysrv")
     cluster.write_pods_file(pods_file)
     # Drop every 4th data segment arriving at the server: the client must retransmit.
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            b.netns,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "3000",
-            "-m",
-            "length",
-            "--length",
-            "100:65535",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "4",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
-        ],
-        check=True,
+    netns_run(
+        b,
+        "iptables -A INPUT -p tcp --dport 3000 -m length --length 100:65535 "
+        "-m statistic --mode nth --every 4 --packet 0 -j DROP",
     )
     before = netns_snmp(a, "RetransSegs")
     server = serve(b, 3000, connections=4, reply=10)

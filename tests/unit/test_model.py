@@ -343,7 +343,7 @@ def test_readme_metric_names_are_the_exposed_names() -> None:
 def test_family_names_are_unique() -> None:
     names = [s.name for s in m.ALL_FAMILIES]
     assert len(names) == len(set(names))
-    assert m.ALL_FAMILIES == m.POD_FAMILIES + m.SELF_FAMILIES
+    assert m.ALL_FAMILIES == m.POD_FAMILIES + m.INFO_FAMILIES + m.SELF_FAMILIES
 
 
 @pytest.mark.parametrize("spec", m.ALL_FAMILIES, ids=lambda s: s.name)

@@ -26,13 +26,14 @@
 #define PODNET_HTTP_CONNECT 8
 #define PODNET_HTTP_TRACE 9
 
+/* One map counts requests and their durations: a request's end is one map update. */
 struct podnet_request_key {
     u64 cgroup_id;
     u8 role;
     u8 protocol;
     u8 method;
     u8 status_class;   /* 1..5 for 1xx..5xx, 0 unknown */
-    u32 pad;
+    u32 slot;          /* duration histogram slot (podnet_hist_slot) */
 };
 
 #define PODNET_PEEK_BYTES 16

@@ -47,15 +47,12 @@ struct tcp_sock_info {
     u8 pad[5];
 };
 
-#define PODNET_MAPID_REQUESTS 2
-#define PODNET_MAPID_REQUEST_HIST 3
-#define PODNET_MAPID_TCP_FLOW_OVERFLOW 4
+#define PODNET_MAPID_REQUEST_HIST 2
+#define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
 
 BPF_TABLE("lru_hash", u64, struct tcp_sock_info, tcp_sock_identity, PODNET_SOCK_ENTRIES);
-BPF_F_TABLE("percpu_hash", struct podnet_request_key, u64, requests_by_cgroup, PODNET_MAP_ENTRIES,
+BPF_F_TABLE("percpu_hash", struct podnet_request_key, struct podnet_hist_val, request_hist, PODNET_HIST_ENTRIES,
             BPF_F_NO_PREALLOC);
-BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, request_duration_hist,
-            PODNET_HIST_ENTRIES, BPF_F_NO_PREALLOC);
 /* Per-CPU so the hot path never bounces a cache line between cores; not preallocated so
  * memory follows the number of live flows. */
 BPF_F_TABLE("percpu_hash", struct tcp_flow_key, struct tcp_bytes, tcp_flow_bytes, PODNET_FLOW_ENTRIES,
@@ -102,27 +99,17 @@ static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
 static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, u8 status_class)
 {
     u8 protocol = (info->method || status_class) ? PODNET_PROTO_HTTP : PODNET_PROTO_OTHER;
-    struct podnet_request_key rk = {.cgroup_id = info->flow.cgroup_id, .role = info->role,
-                                    .protocol = protocol, .method = info->method,
-                                    .status_class = status_class};
-    u64 *n = requests_by_cgroup.lookup(&rk);
-    if (n) {
-        (*n)++;
-    } else {
-        u64 one = 1;
-        if (requests_by_cgroup.update(&rk, &one))
-            podnet_count_failure(PODNET_MAPID_REQUESTS);
-    }
-    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns),
-                                .attrs = info->role | (protocol << 8)};
-    struct podnet_hist_val *v = request_duration_hist.lookup(&k);
+    struct podnet_request_key k = {.cgroup_id = info->flow.cgroup_id, .role = info->role, .protocol = protocol,
+                                   .method = info->method, .status_class = status_class,
+                                   .slot = podnet_hist_slot(ns)};
+    struct podnet_hist_val *v = request_hist.lookup(&k);
     if (v) {
         v->count++;
         v->sum_ns += ns;
         return;
     }
     struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
-    if (request_duration_hist.update(&k, &init))
+    if (request_hist.update(&k, &init))
         podnet_count_failure(PODNET_MAPID_REQUEST_HIST);
 }
 

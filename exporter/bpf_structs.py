@@ -49,7 +49,7 @@ class RequestKey(ct.Structure):
         ("protocol", ct.c_uint8),
         ("method", ct.c_uint8),
         ("status_class", ct.c_uint8),
-        ("pad", ct.c_uint32),
+        ("slot", ct.c_uint32),
     ]
 
 
@@ -98,8 +98,7 @@ FailureCount = ct.c_uint64
 # is its position in that program's MAP_IDS tuple (PODNET_MAPID_* in the C source).
 MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "tcp_sock_identity": (SockKey, SockInfo),
-    "requests_by_cgroup": (RequestKey, ct.c_uint64),
-    "request_duration_hist": (HistKey, HistVal),
+    "request_hist": (RequestKey, HistVal),
     "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
     "tcp_flow_overflow": (CgroupKey, TcpBytes),
     "tcp_conn_by_cgroup": (CgroupKey, TcpConnCounters),
@@ -115,8 +114,7 @@ MAP_IDS: dict[str, tuple[str, ...]] = {
     "tcp_traffic": (
         "tcp_flow_bytes",
         "tcp_rtt_hist",
-        "requests_by_cgroup",
-        "request_duration_hist",
+        "request_hist",
         "tcp_flow_overflow",
     ),
     "tcp_state": (

@@ -31,7 +31,7 @@ import yaml
 
 from exporter import __version__
 
-__all__ = ["Config", "ConfigError", "OtlpConfig", "build_parser", "parse_args", "resolve"]
+__all__ = ["Config", "ConfigError", "KubeConfig", "OtlpConfig", "build_parser", "parse_args", "resolve"]
 
 _T = TypeVar("_T")
 
@@ -77,6 +77,10 @@ _TOP_KEYS: Final = (
     "map_entries",
     "histogram_scale",
     "cluster_name",
+    "kube_api",
+    "kube_token_file",
+    "kube_ca_file",
+    "kube_insecure_skip_tls_verify",
     "otlp",
 )
 _OTLP_KEYS: Final = (
@@ -91,6 +95,8 @@ _OTLP_KEYS: Final = (
 )
 
 _PODS_FILE_FIX: Final = "pass an existing file, e.g. kubectl get pods -o json > pods.json"
+# Where Kubernetes mounts a pod's service-account credentials; a module variable so tests can move it.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
 _DIGITS: Final = re.compile(r"[0-9]+", re.ASCII)
 # RFC 9110 token: what an HTTP header name (and a gRPC metadata key, once lowercased) may contain.
@@ -152,6 +158,21 @@ class Config:
     cluster_name: str
     otlp: OtlpConfig | None
     config_file: str | None
+    kube: KubeConfig | None = None
+    """The Kubernetes API pod metadata source; None when pods come from --pods-file or nowhere."""
+
+
+@dataclass(frozen=True)
+class KubeConfig:
+    """Where and how to reach the Kubernetes API. ``url`` has no trailing slash; ``token_file`` is
+    re-read for every request (rotated service-account tokens); ``in_cluster`` says the URL came
+    from KUBERNETES_SERVICE_HOST/PORT rather than --kube-api."""
+
+    url: str
+    token_file: str | None
+    ca_file: str | None
+    insecure_skip_tls_verify: bool
+    in_cluster: bool
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -197,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"how often to read the BPF maps (default {_DEFAULT_POLL_INTERVAL:g})",
     )
     _add(run, "--pods-file", "PATH", "read pods from this `kubectl get pods -o json` output, not the API")
+    _add(
+        run,
+        "--kube-api",
+        "URL",
+        "Kubernetes API server to watch this node's pods from (default: in a pod, the cluster's own)",
+    )
+    _add(run, "--kube-token-file", "PATH", "bearer token for the API (default: the service-account token)")
+    _add(run, "--kube-ca-file", "PATH", "CA certificate of the API (default: the service-account ca.crt)")
+    run.add_argument(
+        "--kube-insecure-skip-tls-verify",
+        action="store_true",
+        default=None,
+        help="do not verify the API server's certificate (tests, development) "
+        "[env PODNET_KUBE_INSECURE_SKIP_TLS_VERIFY=true]",
+    )
     _add(run, "--node-name", "NAME", "this node's name (default: $NODE_NAME, else the hostname)")
     _add_shared(run)
     _add(run, "--log-level", "LEVEL", f"one of {', '.join(_LOG_LEVELS)} (default {_DEFAULT_LOG_LEVEL})")
@@ -715,7 +751,82 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         cluster_name=_parsed(sources.get("cluster_name"), _cluster_name, ""),
         otlp=_otlp(sources, environ),
         config_file=config_file,
+        kube=_kube(sources, environ),
     )
+
+
+def _kube(sources: _Sources, environ: Mapping[str, str]) -> KubeConfig | None:
+    """The API source: --kube-api, else in a pod (service-account token and KUBERNETES_SERVICE_HOST/PORT)
+    the cluster's own API unless --pods-file is given. The pods file and --kube-api exclude each other."""
+    api = sources.get("kube_api")
+    pods_file = sources.get("pods_file")
+    if api is not None and pods_file is not None:
+        raise ConfigError(
+            f"{pods_file.source} and {api.source} are alternative pod metadata sources; set only one"
+        )
+    token_file = _parsed(
+        sources.get("kube_token_file"),
+        lambda g: _existing_file(g, "pass the file holding the API bearer token"),
+        None,
+    )
+    ca_file = _parsed(
+        sources.get("kube_ca_file"),
+        lambda g: _existing_file(g, "pass the PEM file of the CA that signed the API server's certificate"),
+        None,
+    )
+    insecure = _parsed(sources.get("kube_insecure_skip_tls_verify"), _boolean, False)
+    sa_token = os.path.join(SERVICE_ACCOUNT_DIR, "token")
+    sa_ca = os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt")
+    in_cluster = False
+    if api is not None:
+        url = _kube_url(api)
+    else:
+        host = environ.get("KUBERNETES_SERVICE_HOST", "").strip()
+        port = environ.get("KUBERNETES_SERVICE_PORT", "").strip()
+        if pods_file is not None or not (host and port and os.path.isfile(sa_token)):
+            unused = [
+                given.source
+                for key in ("kube_token_file", "kube_ca_file", "kube_insecure_skip_tls_verify")
+                if (given := sources.get(key)) is not None
+            ]
+            if unused:
+                why = "no --kube-api and not in a pod"
+                if pods_file is not None:
+                    why = f"{pods_file.source} is set"
+                raise ConfigError(f"{unused[0]} is set but the Kubernetes API is not used ({why})")
+            return None
+        url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        in_cluster = True
+    return KubeConfig(
+        url=url,
+        token_file=token_file or (sa_token if os.path.isfile(sa_token) else None),
+        ca_file=ca_file or (sa_ca if os.path.isfile(sa_ca) and url.startswith("https:") else None),
+        insecure_skip_tls_verify=insecure,
+        in_cluster=in_cluster,
+    )
+
+
+def _kube_url(given: _Given) -> str:
+    example = "https://kubernetes.default.svc:443"
+    text = _string(given, "a URL").strip()
+    if any(char.isspace() or not char.isprintable() for char in text):
+        raise given.error("must not contain spaces or control characters", example)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise given.error(f"not a valid URL ({exc})", example) from None
+    if parts.scheme.lower() not in ("http", "https") or "://" not in text:
+        raise given.error("must be a URL with scheme http or https", example)
+    host = parts.hostname or ""
+    if not (_is_ip(host, 4) or _is_ip(host, 6) or _is_hostname(host)):
+        raise given.error("URL needs a valid host name or IP address", example)
+    if port == 0:
+        raise given.error("port must be a number 1-65535", example)
+    if parts.query or parts.fragment:
+        raise given.error("must not have a query or fragment", example)
+    # A lowercase scheme, so that later checks for "https:" hold for "HTTPS://" too.
+    return parts.scheme.lower() + text[len(parts.scheme) :].rstrip("/")
 
 
 def _otlp(sources: _Sources, environ: Mapping[str, str]) -> OtlpConfig | None:

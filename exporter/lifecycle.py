@@ -72,11 +72,8 @@ class Retired:
             _add_slots(self.data.rtt[syn], raw.rtt[cgid])
         if cgid in raw.connect:
             _add_slots(self.data.connect[syn], raw.connect[cgid])
-        for labels, n in raw.requests.get(cgid, {}).items():
-            reqs = self.data.requests[syn]
-            reqs[labels] = reqs.get(labels, 0) + n
-        for attrs, slots in raw.request_hist.get(cgid, {}).items():
-            _add_slots(self.data.request_hist[syn].setdefault(attrs, {}), slots)
+        for labels, slots in raw.requests.get(cgid, {}).items():
+            _add_slots(self.data.requests[syn].setdefault(labels, {}), slots)
 
     def prune(self, keep: Callable[[Identity], bool]) -> None:
         for ident, syn in list(self.ids.items()):
@@ -87,7 +84,6 @@ class Retired:
             self.data.rtt.pop(syn, None)
             self.data.connect.pop(syn, None)
             self.data.requests.pop(syn, None)
-            self.data.request_hist.pop(syn, None)
             for key in [k for k in self.data.flows if k[0] == syn]:
                 del self.data.flows[key]
 
@@ -99,7 +95,6 @@ class Retired:
         raw.rtt.update(self.data.rtt)
         raw.connect.update(self.data.connect)
         raw.requests.update(self.data.requests)
-        raw.request_hist.update(self.data.request_hist)
         merged = dict(identities)
         merged.update({syn: ident for ident, syn in self.ids.items()})
         return merged
@@ -112,6 +107,5 @@ def drop_from_raw(raw: RawData, dead: Iterable[int]) -> None:
         raw.rtt.pop(cg, None)
         raw.connect.pop(cg, None)
         raw.requests.pop(cg, None)
-        raw.request_hist.pop(cg, None)
     for key in [k for k in raw.flows if k[0] in gone]:
         del raw.flows[key]

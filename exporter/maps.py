@@ -45,10 +45,9 @@ class RawData:
     flows: dict[tuple[int, bytes], tuple[int, int]] = field(default_factory=dict)
     rtt: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
     connect: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
-    requests: dict[int, dict[RequestLabels, int]] = field(default_factory=lambda: defaultdict(dict))
-    """cgroup -> (role, protocol, method, status class codes) -> requests."""
-    request_hist: dict[int, dict[int, Slots]] = field(default_factory=lambda: defaultdict(dict))
-    """cgroup -> attrs (role | protocol << 8) -> duration slots."""
+    requests: dict[int, dict[RequestLabels, Slots]] = field(default_factory=lambda: defaultdict(dict))
+    """cgroup -> (role, protocol, method, status class codes) -> duration slots (their counts
+    are the request counts)."""
     map_failures: dict[str, int] = field(default_factory=dict)
     map_entries: dict[str, int] = field(default_factory=dict)
 
@@ -83,6 +82,31 @@ class MapReader:
                 return
         yield from list(table.items())
 
+    def _summed(self, program: str, name: str) -> Iterator[tuple[Any, tuple[int, ...]]]:
+        """(key, value words summed over CPUs) of every entry of a per-CPU map; the words
+        in the value struct's memory order (arrays flattened)."""
+        table = self._programs.table(program, name)
+        if table is None:
+            return
+        ncpu, signed = table.total_cpu, _words(table.sLeaf)
+        if self._batch_ok.get(name, True):
+            try:
+                chunks = list(lookup_batches(table))
+            except OSError as e:
+                if e.errno not in _BATCH_UNSUPPORTED:
+                    raise
+                log.info("batch lookups unavailable for map %s (%s); reading entry by entry", name, e)
+                self._batch_ok[name] = False
+            else:
+                for keys, values, n in chunks:
+                    yield from zip(keys[:n], _cpu_sums(values, n, ncpu, signed), strict=True)
+                return
+        items = list(table.items())
+        if items:
+            values = (table.Leaf * len(items))(*(v for _, v in items))
+            sums = _cpu_sums(values, len(items), ncpu, signed)
+            yield from zip((k for k, _ in items), sums, strict=True)
+
     def _count(self, program: str, name: str) -> int:
         """Entries in a map, without decoding them."""
         table = self._programs.table(program, name)
@@ -102,64 +126,56 @@ class MapReader:
         p = self._programs
         if p.attached("tcp_traffic"):
             # A pod's byte totals are the sum of its flows (the kernel counts each event once).
-            for k, per_cpu in self._items("tcp_traffic", "tcp_flow_bytes"):
-                sent = sum(v.sent for v in per_cpu)
-                received = sum(v.received for v in per_cpu)
+            for k, (sent, received) in self._summed("tcp_traffic", "tcp_flow_bytes"):
                 raw.flows[(k.cgroup_id, bytes(k.peer))] = (sent, received)
                 c = raw.cgroups[k.cgroup_id]
                 c.sent += sent
                 c.received += received
             raw.map_entries["tcp_flow_bytes"] = len(raw.flows)
             n = 0
-            for k, per_cpu in self._items("tcp_traffic", "tcp_flow_overflow"):
-                sent = sum(v.sent for v in per_cpu)
-                received = sum(v.received for v in per_cpu)
+            for k, (sent, received) in self._summed("tcp_traffic", "tcp_flow_overflow"):
                 raw.flows[(_int(k), bs.UNTRACKED_PEER)] = (sent, received)
                 c = raw.cgroups[_int(k)]
                 c.sent += sent
                 c.received += received
                 n += 1
             raw.map_entries["tcp_flow_overflow"] = n
-            raw.map_entries["tcp_rtt_hist"] = _read_hist(self._items("tcp_traffic", "tcp_rtt_hist"), raw.rtt)
+            raw.map_entries["tcp_rtt_hist"] = _read_hist(self._summed("tcp_traffic", "tcp_rtt_hist"), raw.rtt)
             n = 0
-            for k, per_cpu in self._items("tcp_traffic", "requests_by_cgroup"):
-                labels = (k.role, k.protocol, k.method, k.status_class)
-                raw.requests[k.cgroup_id][labels] = sum(int(v) for v in per_cpu)
-                n += 1
-            raw.map_entries["requests_by_cgroup"] = n
-            n = 0
-            for k, per_cpu in self._items("tcp_traffic", "request_duration_hist"):
-                count = sum(v.count for v in per_cpu)
+            for k, (count, total) in self._summed("tcp_traffic", "request_hist"):
                 if count:
-                    by_attrs = raw.request_hist[k.cgroup_id].setdefault(k.attrs, {})
-                    by_attrs[k.slot] = (count, sum(v.sum_ns for v in per_cpu))
+                    labels = (k.role, k.protocol, k.method, k.status_class)
+                    slots = raw.requests[k.cgroup_id].setdefault(labels, {})
+                    slots[k.slot] = (count, total)
                 n += 1
-            raw.map_entries["request_duration_hist"] = n
+            raw.map_entries["request_hist"] = n
         if p.attached("tcp_state"):
             n = 0
-            for k, per_cpu in self._items("tcp_state", "tcp_conn_by_cgroup"):
+            for k, w in self._summed("tcp_state", "tcp_conn_by_cgroup"):
+                # Words: opened[2], closed[2], active[2], failed[4].
                 c = raw.cgroups[_int(k)]
-                for v in per_cpu:
-                    for i in range(2):
-                        c.opened[i] += v.opened[i]
-                        c.closed[i] += v.closed[i]
-                        c.active[i] += v.active[i]
-                    for i in range(4):
-                        c.failed[i] += v.failed[i]
+                for i in range(2):
+                    c.opened[i] += w[i]
+                    c.closed[i] += w[2 + i]
+                    c.active[i] += w[4 + i]
+                for i in range(4):
+                    c.failed[i] += w[6 + i]
                 n += 1
             raw.map_entries["tcp_conn_by_cgroup"] = n
             raw.map_entries["tcp_connect_duration_hist"] = _read_hist(
-                self._items("tcp_state", "tcp_connect_duration_hist"), raw.connect
+                self._summed("tcp_state", "tcp_connect_duration_hist"), raw.connect
             )
             for name in ("tcp_connects_pending", "tcp_socks_open"):
                 raw.map_entries[name] = self._count("tcp_state", name)
         if p.attached("tcp_events"):
             n = 0
-            for k, per_cpu in self._items("tcp_events", "tcp_events_by_cgroup"):
+            for k, (retransmits, resets_sent, resets_received) in self._summed(
+                "tcp_events", "tcp_events_by_cgroup"
+            ):
                 c = raw.cgroups[_int(k)]
-                c.retransmits += sum(v.retransmits for v in per_cpu)
-                c.resets_sent += sum(v.resets_sent for v in per_cpu)
-                c.resets_received += sum(v.resets_received for v in per_cpu)
+                c.retransmits += retransmits
+                c.resets_sent += resets_sent
+                c.resets_received += resets_received
                 n += 1
             raw.map_entries["tcp_events_by_cgroup"] = n
         for program, map_names in bs.MAP_IDS.items():
@@ -184,12 +200,10 @@ class MapReader:
             ]
             for slot in raw.rtt.get(cg, {}):
                 keys.append(("tcp_traffic", "tcp_rtt_hist", bs.HistKey(cg, slot, 0)))
-            for role, proto, method, status in raw.requests.get(cg, {}):
-                rk = bs.RequestKey(cg, role, proto, method, status, 0)
-                keys.append(("tcp_traffic", "requests_by_cgroup", rk))
-            for attrs, slots in raw.request_hist.get(cg, {}).items():
+            for (role, proto, method, status), slots in raw.requests.get(cg, {}).items():
                 for slot in slots:
-                    keys.append(("tcp_traffic", "request_duration_hist", bs.HistKey(cg, slot, attrs)))
+                    rk = bs.RequestKey(cg, role, proto, method, status, slot)
+                    keys.append(("tcp_traffic", "request_hist", rk))
             for slot in raw.connect.get(cg, {}):
                 keys.append(("tcp_state", "tcp_connect_duration_hist", bs.HistKey(cg, slot, 0)))
         for cg, peer in raw.flows:
@@ -269,16 +283,46 @@ def _entries(keys: Any, values: Any, n: int) -> Iterator[tuple[Any, Any]]:
         yield keys[i], values[i]
 
 
+def _words(ctype: Any) -> list[bool]:
+    """Signedness of each 64-bit word of a per-CPU map's value type, in memory order."""
+    if isinstance(ctype, type) and issubclass(ctype, ct.Structure):
+        out: list[bool] = []
+        for field in getattr(ctype, "_fields_"):  # noqa: B009 - typeshed's type is too narrow
+            out += _words(field[1])
+        return out
+    if isinstance(ctype, type) and issubclass(ctype, ct.Array):
+        length: int = getattr(ctype, "_length_")  # noqa: B009
+        return _words(getattr(ctype, "_type_")) * length  # noqa: B009
+    if ct.sizeof(ctype) != 8:
+        raise TypeError(f"per-CPU values must be 64-bit words, not {ctype}")
+    return [ctype is ct.c_int64]
+
+
+def _cpu_sums(values: Any, n: int, ncpu: int, signed: list[bool]) -> list[tuple[int, ...]]:
+    """Per entry, each value word summed over CPUs: one strided column per word and CPU,
+    added up in C, instead of a ctypes object and attribute read per word, CPU and entry."""
+    width = len(signed)
+    stride = width * ncpu
+    words = memoryview(values).cast("B").cast("Q")
+    columns: list[list[int]] = []
+    for w, is_signed in enumerate(signed):
+        per_cpu = [words[w + c * width : n * stride : stride] for c in range(ncpu)]
+        col = per_cpu[0].tolist() if ncpu == 1 else list(map(sum, zip(*per_cpu, strict=True)))
+        if is_signed:
+            # Summed as unsigned: wrap back to the int64 the kernel's additions meant.
+            col = [(v + (1 << 63)) % (1 << 64) - (1 << 63) for v in col]
+        columns.append(col)
+    return list(zip(*columns, strict=True))
+
+
 def _int(k: Any) -> int:
     """Scalar keys come back as int from batch lookups and as c_uint64 from items()."""
     return k if isinstance(k, int) else int(k.value)
 
 
-def _read_hist(items: Iterator[tuple[Any, Any]], into: dict[int, Slots]) -> int:
+def _read_hist(items: Iterator[tuple[Any, tuple[int, ...]]], into: dict[int, Slots]) -> int:
     n = 0
-    for k, per_cpu in items:
-        count = sum(v.count for v in per_cpu)
-        total = sum(v.sum_ns for v in per_cpu)
+    for k, (count, total) in items:
         if count:
             into[k.cgroup_id][k.slot] = (count, total)
         n += 1

@@ -265,6 +265,31 @@ RETIRED_DROPPED = MetricSpec(
     (),
 )
 PODS_KNOWN = MetricSpec("podnet_exporter_pods", Kind.GAUGE, "Pods in the metadata store.", ())
+METADATA_UP = MetricSpec(
+    "podnet_exporter_metadata_source_up",
+    Kind.GAUGE,
+    "1 when the pod metadata source's last list/watch (or file read) succeeded, else 0.",
+    ("source",),
+)
+METADATA_LAST_SYNC = MetricSpec(
+    "podnet_exporter_metadata_last_sync_timestamp_seconds",
+    Kind.GAUGE,
+    "Unix time the pod metadata was last known to match its source (0: never).",
+    ("source",),
+    unit="seconds",
+)
+METADATA_RELISTS = MetricSpec(
+    "podnet_exporter_metadata_relists",
+    Kind.COUNTER,
+    "Full reads of the pod metadata source (API lists or pods file loads, the first included).",
+    ("source",),
+)
+METADATA_ERRORS = MetricSpec(
+    "podnet_exporter_metadata_errors",
+    Kind.COUNTER,
+    "Failed requests, dropped watches, bad files and malformed pods of the metadata source.",
+    ("source",),
+)
 SERIES_DROPPED = MetricSpec(
     "podnet_exporter_series_dropped",
     Kind.COUNTER,
@@ -289,6 +314,10 @@ SELF_FAMILIES: tuple[MetricSpec, ...] = (
     OTLP_LAST_SUCCESS,
     RETIRED_DROPPED,
     SERIES_DROPPED,
+    METADATA_UP,
+    METADATA_LAST_SYNC,
+    METADATA_RELISTS,
+    METADATA_ERRORS,
 )
 ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + INFO_FAMILIES + SELF_FAMILIES
 

@@ -58,10 +58,16 @@ def read_local_addresses(proc: str = "/proc") -> frozenset[str]:
     return frozenset(addrs)
 
 
+_ADDRESS_CACHE = 65536
+"""Peers' parsed addresses kept between polls (the same peers recur every poll)."""
+
+
 class PeerResolver:
     def __init__(self, store: PodStore) -> None:
         self._store = store
         self.node_addresses: frozenset[str] = frozenset()
+        # addr16 -> (printed address, loopback): parsing is most of classify's cost.
+        self._addresses: dict[bytes, tuple[str, bool]] = {}
 
     def refresh_node_addresses(self) -> None:
         self.node_addresses = read_local_addresses()
@@ -70,8 +76,14 @@ class PeerResolver:
         """(peer_namespace, peer_workload, peer_kind)."""
         if addr16 == _UNTRACKED:
             return "", "", PEER_UNKNOWN
-        ip = peer_address(addr16)
-        if ipaddress.ip_address(ip).is_loopback:
+        parsed = self._addresses.get(addr16)
+        if parsed is None:
+            if len(self._addresses) >= _ADDRESS_CACHE:
+                self._addresses.clear()  # bounded; refilled within a poll
+            ip = peer_address(addr16)
+            parsed = self._addresses[addr16] = (ip, ipaddress.ip_address(ip).is_loopback)
+        ip, loopback = parsed
+        if loopback:
             # Loopback never leaves the owner's network namespace: in a pod that is the
             # pod itself, on the host it is the node.
             if owner.is_pod:

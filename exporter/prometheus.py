@@ -3,10 +3,10 @@ snapshot so a scrape only copies bytes."""
 
 from __future__ import annotations
 
-import gzip
+import math
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from exporter import model as m
 
@@ -61,13 +62,36 @@ class _SnapshotCollector(Collector):
         return metric_families(self.snapshot, self.layout)
 
 
-@dataclass(frozen=True)
 class Rendered:
-    snapshot: m.Snapshot
-    text: bytes
-    text_gzip: bytes
-    openmetrics: bytes
-    openmetrics_gzip: bytes = field(repr=False, default=b"")
+    """A snapshot's exposition in both formats, kept gzip-compressed only: at 1,000 pods each
+    format is 23 MB plain and 0.7 MB compressed, and the old and the new rendering coexist
+    while a poll swaps them. Scrapers send Accept-Encoding: gzip (Prometheus always does);
+    a plain body is decompressed on first use and kept with its snapshot."""
+
+    __slots__ = ("_openmetrics", "_text", "openmetrics_gzip", "snapshot", "text_gzip")
+
+    def __init__(self, snapshot: m.Snapshot, text_gzip: bytes, openmetrics_gzip: bytes) -> None:
+        self.snapshot = snapshot
+        self.text_gzip = text_gzip
+        self.openmetrics_gzip = openmetrics_gzip
+        self._text: bytes | None = None
+        self._openmetrics: bytes | None = None
+
+    @property
+    def text(self) -> bytes:
+        if self._text is None:
+            self._text = zlib.decompress(self.text_gzip, _GZIP)
+        return self._text
+
+    @property
+    def openmetrics(self) -> bytes:
+        if self._openmetrics is None:
+            self._openmetrics = zlib.decompress(self.openmetrics_gzip, _GZIP)
+        return self._openmetrics
+
+
+_GZIP = 31
+"""zlib wbits for a gzip wrapper."""
 
 
 class Exposition:
@@ -80,10 +104,153 @@ class Exposition:
         self._lock = threading.Lock()
 
     def render(self, snap: m.Snapshot) -> Rendered:
+        # Compressed family by family: the plain exposition never exists whole. Level 1: a
+        # scrape is compressed once per poll, not once per request, and level 1 gets most
+        # of the gain on label-heavy text.
+        text = zlib.compressobj(1, zlib.DEFLATED, _GZIP)
+        om = zlib.compressobj(1, zlib.DEFLATED, _GZIP)
+        text_out: list[bytes] = []
+        om_out: list[bytes] = []
+        for text_head, om_head, body in _families(snap, self._collector.layout):
+            text_out += (text.compress(text_head), text.compress(body))
+            om_out += (om.compress(om_head), om.compress(body))
+        om_out += (om.compress(_EOF), om.flush())
+        text_out.append(text.flush())
+        return Rendered(snap, b"".join(text_out), b"".join(om_out))
+
+    def render_with_client(self, snap: m.Snapshot) -> tuple[bytes, bytes]:
+        """(text, OpenMetrics) by prometheus_client's generic writers: the reference that
+        render_fast must match byte for byte (tests), 20-30 times slower."""
         with self._lock:
             self._collector.snapshot = snap
             text = generate_latest(self.registry)
             om = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
-        # Level 1: a scrape is compressed once per poll, not once per request, and level 1
-        # gets most of the gain on label-heavy text.
-        return Rendered(snap, text, gzip.compress(text, 1), om, gzip.compress(om, 1))
+        return text, om
+
+
+# ---- fast writer -------------------------------------------------------------------------------
+# prometheus_client validates and escapes every label name of every sample, and builds a
+# dict and a Sample per histogram bucket: about 35 us per line, 3.4 s for the 100k lines of
+# 1,000 pods. Our label names are fixed per family, so their sorted order is computed once,
+# and the sample lines (the same in both formats) are written once for both.
+
+
+_go_float: Callable[[float], str] = floatToGoString
+"""Go's float formatting, as prometheus_client writes sample values."""
+
+
+def _escape_value(value: str) -> str:
+    """Label value escaping of both formats (backslash, newline, double quote)."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return value
+
+
+def _family_name(spec: m.MetricSpec) -> str:
+    # prometheus_client appends the unit when the name lacks it.
+    if spec.unit and not spec.name.endswith("_" + spec.unit):
+        return spec.name + "_" + spec.unit
+    return spec.name
+
+
+def _escaped(values: tuple[str, ...]) -> tuple[str, ...]:
+    # One scan per label set: values needing escapes are rare.
+    joined = "".join(values)
+    if "\\" in joined or "\n" in joined or '"' in joined:
+        return tuple(_escape_value(v) for v in values)
+    return values
+
+
+def _fields(names: tuple[str, ...], order: list[int]) -> list[str]:
+    """`name="{i}"` format fields, in the sorted label order prometheus_client writes."""
+    return [f'{names[i]}="{{{i}}}"' for i in order]
+
+
+def _label_order(names: tuple[str, ...]) -> list[int]:
+    return sorted(range(len(names)), key=lambda i: names[i])
+
+
+def _sample_body(name: str, spec: m.MetricSpec, samples: tuple[m.Sample, ...]) -> bytes:
+    n = len(spec.labels)
+    if n:
+        fields = ",".join(_fields(spec.labels, _label_order(spec.labels)))
+        line = f"{name}{{{{{fields}}}}} {{{n}}}\n"
+    else:
+        line = f"{name} {{0}}\n"
+    fmt = line.format
+    # Counters of idle pods repeat a few values. Keyed by value, so 0.0 and -0.0 (equal,
+    # written differently) are kept apart by their sign.
+    numbers: dict[tuple[float, bool], str] = {}
+    lines = []
+    for s in samples:
+        key = (s.value, math.copysign(1.0, s.value) < 0)
+        value = numbers.get(key)
+        if value is None:
+            value = numbers[key] = _go_float(s.value)
+        lines.append(fmt(*_escaped(s.labels), value))
+    return "".join(lines).encode()
+
+
+def _histogram_body(
+    name: str, spec: m.MetricSpec, hists: tuple[m.HistSample, ...], layout: m.BucketLayout
+) -> bytes:
+    fields = _fields(spec.labels, _label_order(spec.labels))
+    # "le" goes where it sorts among the label names.
+    split = sum(1 for i in range(len(spec.labels)) if spec.labels[i] < "le")
+    head = f"{name}_bucket{{{{" + "".join(f + "," for f in fields[:split])
+    tail = "".join("," + f for f in fields[split:]) + "}}"
+    labels = "{{" + ",".join(fields) + "}}" if fields else ""
+    totals = f"{name}_count{labels} {{{len(fields)}}}\n{name}_sum{labels} {{{len(fields) + 1}}}\n"
+    # All bucket lines of one histogram in one format call: {0} and {1} are the labels
+    # before and after le, {2}... the cumulative counts.
+    les = [_le(b) for b in (*layout.bounds, math.inf)]
+    buckets = "".join(f'{{0}}le="{le}"{{1}} {{{i + 2}}}\n' for i, le in enumerate(les)).format
+    counts: dict[int, str] = {}
+    lines: list[str] = []
+    for h in hists:
+        values = _escaped(h.labels)
+        cumulative = []
+        for _, c in layout.cumulative(h.slots):
+            count = counts.get(c)
+            if count is None:
+                count = counts[c] = _go_float(float(c))
+            cumulative.append(count)
+        lines.append(buckets(head.format(*values), tail.format(*values), *cumulative))
+        lines.append(totals.format(*values, cumulative[-1], _go_float(h.sum)))
+    return "".join(lines).encode()
+
+
+_EOF = b"# EOF\n"
+
+
+def _families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """(text format header, OpenMetrics header, sample lines) of every family, in order."""
+    for spec in m.ALL_FAMILIES:
+        name = _family_name(spec)
+        if spec.kind is m.Kind.HISTOGRAM:
+            kind = "histogram"
+            body = _histogram_body(name, spec, snap.histograms.get(spec.name, ()), layout)
+        else:
+            kind = "counter" if spec.kind is m.Kind.COUNTER else "gauge"
+            sample_name = name + "_total" if kind == "counter" else name
+            body = _sample_body(sample_name, spec, snap.samples.get(spec.name, ()))
+        exposed = name + "_total" if kind == "counter" else name
+        text_help = spec.help.replace("\\", r"\\").replace("\n", r"\n")
+        unit = f"# UNIT {name} {spec.unit}\n" if spec.unit else ""
+        yield (
+            f"# HELP {exposed} {text_help}\n# TYPE {exposed} {kind}\n".encode(),
+            f"# HELP {name} {_escape_value(spec.help)}\n# TYPE {name} {kind}\n{unit}".encode(),
+            body,
+        )
+
+
+def render_fast(snap: m.Snapshot, layout: m.BucketLayout) -> tuple[bytes, bytes]:
+    """(Prometheus text 0.0.4, OpenMetrics 1.0) of a snapshot, byte for byte what
+    prometheus_client writes for metric_families(snap, layout)."""
+    text: list[bytes] = []
+    om: list[bytes] = []
+    for text_head, om_head, body in _families(snap, layout):
+        text += (text_head, body)
+        om += (om_head, body)
+    om.append(_EOF)
+    return b"".join(text), b"".join(om)

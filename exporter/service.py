@@ -16,13 +16,14 @@ from exporter.cgroups import CgroupIndex, find_cgroup2_mount
 from exporter.config import Config
 from exporter.http_app import SNAPSHOTS, add_routes
 from exporter.identity import IdentityResolver
+from exporter.kube import KubeWatcher
 from exporter.maps import MapReader
 from exporter.metadata import PodsFileSource, PodStore
 from exporter.model import BucketLayout
 from exporter.offsets import resolve_offsets
 from exporter.otlp import OtlpPusher
 from exporter.peers import PeerResolver
-from exporter.poller import Poller, PollerParts, SnapshotStore
+from exporter.poller import Poller, PollerParts, SnapshotStore, settle_heap
 from exporter.programs import MapSizes, load_programs
 from exporter.prometheus import Exposition
 
@@ -44,6 +45,8 @@ def build_parts(config: Config) -> PollerParts:
     if config.pods_file:
         pods_file = PodsFileSource(config.pods_file, store)
         pods_file.load_initial()
+    # The API source starts listing once serving: readiness never waits for the API.
+    kube = KubeWatcher(config.kube, config.node_name, store) if config.kube is not None else None
     root = config.cgroup_root or find_cgroup2_mount()
     index = CgroupIndex(root, max_entries=config.map_entries)
     index.rescan()
@@ -67,6 +70,7 @@ def build_parts(config: Config) -> PollerParts:
         pods_file=pods_file,
         exposition=Exposition(BucketLayout(scale=config.histogram_scale)),
         max_series=config.max_series,
+        kube=kube,
     )
 
 
@@ -77,6 +81,7 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SNAPSHOTS] = snapshots
     poller = Poller(parts, snapshots, config.poll_interval)
     app[POLLER] = poller
+    settle_heap()
     pusher = None
     if config.otlp is not None:
         pusher = OtlpPusher(
@@ -144,8 +149,12 @@ async def serve(config: Config) -> None:
             loop.add_signal_handler(sig, on_signal, sig.name)
         async with asyncio.TaskGroup() as tg:
             poll_task = tg.create_task(app[POLLER].run(), name="poller")
+            kube = app[POLLER].parts.kube
+            kube_task = tg.create_task(kube.run(), name="kube-watch") if kube is not None else None
             await stop.event.wait()
             log.info("%s received: shutting down", stop.signal)
             poll_task.cancel()
+            if kube_task is not None:
+                kube_task.cancel()
     finally:
         await runner.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,6 +24,18 @@ CAPPED_FAMILIES: tuple[m.MetricSpec, ...] = m.POD_FAMILIES + m.INFO_FAMILIES
 _V = TypeVar("_V")
 
 
+@dataclass(frozen=True)
+class MetadataSourceState:
+    """Health of one pod metadata source ("kubernetes" or "file"), for the self-metrics."""
+
+    source: str
+    up: bool
+    last_sync: float
+    """Unix time the store was last known to match the source; 0: never."""
+    relists: int
+    errors: int
+
+
 @dataclass
 class ExporterState:
     """Self-metric inputs gathered by the poller."""
@@ -39,6 +52,7 @@ class ExporterState:
     otlp: tuple[int, int, float] | None = None
     """(exports ok, exports failed, last success unix time) when OTLP is on."""
     retired_dropped: int = 0
+    metadata: tuple[MetadataSourceState, ...] = ()
 
 
 class _Acc:
@@ -47,19 +61,14 @@ class _Acc:
 
     def __init__(self) -> None:
         self.values: dict[str, dict[tuple[str, ...], float]] = defaultdict(lambda: defaultdict(float))
-        self.hists: dict[str, dict[tuple[str, ...], dict[int, list[int]]]] = defaultdict(
-            lambda: defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        )
+        # Each label set's slot maps, merged once at the end: most label sets have one.
+        self.hists: dict[str, dict[tuple[str, ...], list[Slots]]] = defaultdict(lambda: defaultdict(list))
 
     def add(self, spec: m.MetricSpec, labels: tuple[str, ...], value: float) -> None:
         self.values[spec.name][labels] += value
 
     def add_hist(self, spec: m.MetricSpec, labels: tuple[str, ...], slots: Slots) -> None:
-        h = self.hists[spec.name][labels]
-        for slot, (count, sum_ns) in slots.items():
-            cell = h[slot]
-            cell[0] += count
-            cell[1] += sum_ns
+        self.hists[spec.name][labels].append(slots)
 
 
 def build_snapshot(
@@ -151,15 +160,10 @@ def _requests(acc: _Acc, raw: RawData, identities: Mapping[int, Identity]) -> No
         ident = identities.get(cgid)
         if ident is None:
             continue
-        for (role, proto, method, status), n in by_labels.items():
-            acc.add(m.REQUESTS, (*ident.labels, *request_labels(role, proto, method, status)), n)
-    for cgid, by_attrs in raw.request_hist.items():
-        ident = identities.get(cgid)
-        if ident is None:
-            continue
-        for attrs, slots in by_attrs.items():
-            role_label, proto_label, _, _ = request_labels(attrs & 0xFF, attrs >> 8, 0, 0)
-            acc.add_hist(m.REQUEST_DURATION, (*ident.labels, role_label, proto_label), slots)
+        for (role, proto, method, status), slots in by_labels.items():
+            labels = request_labels(role, proto, method, status)
+            acc.add(m.REQUESTS, (*ident.labels, *labels), sum(c for c, _ in slots.values()))
+            acc.add_hist(m.REQUEST_DURATION, (*ident.labels, labels[0], labels[1]), slots)
 
 
 def _exported(previous: m.Snapshot | None, spec: m.MetricSpec) -> set[tuple[str, ...]]:
@@ -171,7 +175,7 @@ def _exported(previous: m.Snapshot | None, spec: m.MetricSpec) -> set[tuple[str,
 
 
 def cap_series(
-    series: dict[tuple[str, ...], _V], cap: int, exported: set[tuple[str, ...]]
+    series: dict[tuple[str, ...], _V], cap: int, exported: AbstractSet[tuple[str, ...]]
 ) -> tuple[dict[tuple[str, ...], _V], int]:
     """(at most `cap` of `series`, how many were left out). Series exported last time go
     first, so an existing series never flaps out because a new one arrived; the rest are
@@ -215,10 +219,17 @@ def _series_dropped(acc: _Acc, dropped: Mapping[str, int], previous: m.Snapshot 
         acc.values[m.SERIES_DROPPED.name][(name,)] = before.get(name, 0) + dropped.get(name, 0)
 
 
-def _hist_sample(labels: tuple[str, ...], slots: Mapping[int, list[int]]) -> m.HistSample:
-    ordered = tuple((s, c[0]) for s, c in sorted(slots.items()) if c[0])
+def _hist_sample(labels: tuple[str, ...], parts: list[Slots]) -> m.HistSample:
+    slots = parts[0]
+    if len(parts) > 1:
+        slots = {}
+        for part in parts:
+            for slot, (count, sum_ns) in part.items():
+                c0, s0 = slots.get(slot, (0, 0))
+                slots[slot] = (c0 + count, s0 + sum_ns)
+    ordered = tuple(sorted((s, c) for s, (c, _) in slots.items() if c))
     return m.HistSample(
-        labels, ordered, sum(c[0] for c in slots.values()), sum(c[1] for c in slots.values()) / NS_PER_S
+        labels, ordered, sum(c for c, _ in slots.values()), sum(t for _, t in slots.values()) / NS_PER_S
     )
 
 
@@ -243,6 +254,11 @@ def _self_metrics(acc: _Acc, raw: RawData, state: ExporterState, now: float) -> 
         acc.add(m.OTLP_EXPORTS, ("failed",), failed)
         acc.add(m.OTLP_LAST_SUCCESS, (), last)
     acc.add(m.RETIRED_DROPPED, (), state.retired_dropped)
+    for source in state.metadata:
+        acc.add(m.METADATA_UP, (source.source,), 1 if source.up else 0)
+        acc.add(m.METADATA_LAST_SYNC, (source.source,), source.last_sync)
+        acc.add(m.METADATA_RELISTS, (source.source,), source.relists)
+        acc.add(m.METADATA_ERRORS, (source.source,), source.errors)
     for program, (ns, runs) in state.bpf_stats.items():
         acc.add(m.PROG_RUN_TIME, (program,), ns / NS_PER_S)
         acc.add(m.PROG_RUN_COUNT, (program,), runs)

@@ -12,7 +12,7 @@ from exporter import model as m
 from exporter.identity import Identity
 from exporter.maps import CgroupCounters, RawData
 from exporter.pods import PodMeta
-from exporter.snapshot import ExporterState, build_snapshot
+from exporter.snapshot import ExporterState, MetadataSourceState, build_snapshot
 
 UID_A = "5f1d3c1e-8a2b-4c3d-9e4f-0123456789ab"
 UID_B = "9a9b9c9d-0000-4111-8222-333344445555"
@@ -328,10 +328,14 @@ def test_every_sample_matches_its_family() -> None:
     raw.flows[(1, v4("10.1.1.1"))] = (1, 1)
     raw.rtt[1] = {120: (1, 1)}
     raw.connect[1] = {120: (1, 1)}
-    raw.requests[1] = {(1, 2, 1, 2): 1}
-    raw.request_hist[1] = {1 | 2 << 8: {120: (1, 1)}}
+    raw.requests[1] = {(1, 2, 1, 2): {120: (1, 1)}}
     state = ExporterState(
-        errors={"poll": 1}, programs={"x": True}, bpf_stats={"x": (1, 1)}, otlp=(1, 1, 1.0), retired_dropped=1
+        errors={"poll": 1},
+        programs={"x": True},
+        bpf_stats={"x": (1, 1)},
+        otlp=(1, 1, 1.0),
+        retired_dropped=1,
+        metadata=(MetadataSourceState("kubernetes", True, 1.0, 1, 0),),
     )
     raw.map_failures = {"m": 1}
     raw.map_entries = {"m": 1}

@@ -50,8 +50,16 @@ static __always_inline int podnet_peek(u8 *buf)
     u64 nr = 0, arg = 0;
     if (!regs)
         return -1;
+#if PODNET_OFF_PT_REGS_ORIG_AX == PODNET_OFF_PT_REGS_SI + 16
+    /* x86-64: si, di, orig_ax are adjacent; one read instead of two. */
+    u64 r[3] = {};
+    bpf_probe_read_kernel(r, sizeof(r), regs + PODNET_OFF_PT_REGS_SI);
+    arg = r[0];
+    nr = r[2];
+#else
     bpf_probe_read_kernel(&nr, sizeof(nr), regs + PODNET_OFF_PT_REGS_ORIG_AX);
     bpf_probe_read_kernel(&arg, sizeof(arg), regs + PODNET_OFF_PT_REGS_SI);
+#endif
     const void *ubuf = NULL;
     if (nr == PODNET_NR_READ || nr == PODNET_NR_WRITE || nr == PODNET_NR_SENDTO || nr == PODNET_NR_RECVFROM) {
         ubuf = (const void *)arg;

@@ -44,7 +44,8 @@ struct tcp_sock_info {
     u8 role;            /* PODNET_ROLE_*: set when the connection is established */
     u8 in_request;
     u8 method;          /* PODNET_HTTP_* of the request in progress, 0 if not HTTP */
-    u8 pad[5];
+    u8 not_http;        /* a request on this connection was not HTTP: stop peeking */
+    u8 pad[4];
 };
 
 #define PODNET_MAPID_REQUEST_HIST 2
@@ -124,14 +125,19 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
             return;     /* more of the previous response */
         info->in_request = 1;
         info->turn_start_ns = bpf_ktime_get_ns();
-        info->method = podnet_peek_method(len);
+        info->method = info->not_http ? 0 : podnet_peek_method(len);
         return;
     }
     if (asking)
         return;         /* more of the request */
     info->in_request = 0;
     u64 ns = bpf_ktime_get_ns() - info->turn_start_ns;
-    observe_request(info, ns, podnet_peek_status_class(len));
+    u8 status = info->not_http ? 0 : podnet_peek_status_class(len);
+    /* A connection does not turn into HTTP/1.x later: once a request was something else,
+     * its payload is never read again. */
+    if (!info->method && !status)
+        info->not_http = 1;
+    observe_request(info, ns, status);
 }
 
 static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int sent)

@@ -60,7 +60,8 @@ class SockInfo(ct.Structure):
         ("role", ct.c_uint8),
         ("in_request", ct.c_uint8),
         ("method", ct.c_uint8),
-        ("pad", ct.c_uint8 * 5),
+        ("not_http", ct.c_uint8),
+        ("pad", ct.c_uint8 * 4),
     ]
 
 

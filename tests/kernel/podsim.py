@@ -367,6 +367,7 @@ class SimPod:
     labels: dict[str, str] = field(default_factory=dict)
     owner: dict[str, Any] | None = None  # the controller ownerReference, None for a bare Pod
     created: str = ""
+    own_ip: bool = True  # False: shares another pod's netns (add_pod_in_netns); no podIP shown
     _cluster: SimCluster | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -456,8 +457,7 @@ class SimPod:
                 "conditions": conditions,
                 "hostIP": node_ip,
                 "hostIPs": [{"ip": node_ip}],
-                "podIP": self.ip,
-                "podIPs": [{"ip": self.ip}],
+                **({"podIP": self.ip, "podIPs": [{"ip": self.ip}]} if self.own_ip else {}),
                 "qosClass": qos_class,
                 "startTime": self.created,
                 "containerStatuses": [container_status],
@@ -764,6 +764,55 @@ class SimCluster:
             labels=pod_labels,
             owner=owner,
             created=_timestamp(),
+            _cluster=self,
+        )
+        self.pods.append(pod)
+        return pod
+
+    def add_pod_in_netns(self, host: SimPod, name: str, namespace: str = "default") -> SimPod:
+        """A cheap pod for churn tests: its own cgroup (kubelet layout, systemd driver,
+        containerd, a Deployment's pod) but the network namespace of ``host``, so creating
+        it costs two mkdirs and no netns or veth. Its Pod object shows no podIP (the address
+        is ``host``'s). Remove it with remove_pod()."""
+        if self._closed:
+            raise RuntimeError("cluster is closed")
+        uid = str(uuid.uuid4())
+        container_id = secrets.token_hex(32)
+        uid_ = uid.replace("-", "_")
+        chain = [
+            "kubepods.slice",
+            "kubepods-burstable.slice",
+            f"kubepods-burstable-pod{uid_}.slice",
+            f"cri-containerd-{container_id}.scope",
+        ]
+        pod_dir, cg_dir = self._make_cgroup("/".join(chain), leaves=2)
+        workload = name.rsplit("-", 1)[0] if "-" in name else name
+        own = self._owner_for(namespace, "Deployment", workload)
+        pod = SimPod(
+            name=name,
+            namespace=namespace,
+            uid=uid,
+            container_id=container_id,
+            container_name=workload,
+            ip=host.ip,
+            netns=host.netns,
+            cgroup_dir=cg_dir,
+            cgroup_id=os.stat(cg_dir).st_ino,
+            workload=workload,
+            workload_kind="Deployment",
+            pod_cgroup_dir=pod_dir,
+            cgroup_path="/" + os.path.relpath(cg_dir, self.cgroup_root),
+            labels={"app": workload, "pod-template-hash": own["hash"]},
+            owner={
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": f"{workload}-{own['hash']}",
+                "uid": own["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            },
+            created=_timestamp(),
+            own_ip=False,
             _cluster=self,
         )
         self.pods.append(pod)

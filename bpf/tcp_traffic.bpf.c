@@ -1,10 +1,9 @@
-/* The hot path: TCP payload bytes per (owner, peer) and smoothed RTT per owner.
+/* The hot path: TCP payload bytes per (owner, peer), smoothed RTT and requests per owner.
  *
  * Raw tracepoints:
  *   sock:sock_send_length, sock:sock_recv_length (struct sock *sk, int ret, int flags):
- *     ret is what the application handed to / took from the socket;
- *   tcp:tcp_probe (struct sock *sk, const struct sk_buff *skb): every segment received
- *     on an established socket (softirq);
+ *     ret is what the application handed to / took from the socket; the socket's smoothed
+ *     RTT is sampled here too, at most once per PODNET_RTT_SAMPLE_NS per socket;
  *   tcp:tcp_destroy_sock (struct sock *sk) and sock:inet_sock_set_state (sk, old, new):
  *     forget a socket's cached identity when it dies or disconnects.
  *
@@ -35,6 +34,10 @@ struct tcp_bytes {
     u64 received;
 };
 
+#ifndef PODNET_RTT_SAMPLE_NS
+#define PODNET_RTT_SAMPLE_NS 1000000ULL
+#endif
+
 #define PODNET_MAPID_TCP_FLOW_BYTES 0
 #define PODNET_MAPID_TCP_RTT_HIST 1
 
@@ -46,6 +49,7 @@ struct tcp_sock_info {
     u8 method;          /* PODNET_HTTP_* of the request in progress, 0 if not HTTP */
     u8 not_http;        /* a request on this connection was not HTTP: stop peeking */
     u8 pad[4];
+    u64 last_rtt_ns;    /* when this socket last gave an RTT sample */
 };
 
 #define PODNET_MAPID_REQUEST_HIST 2
@@ -114,8 +118,28 @@ static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, 
         podnet_count_failure(PODNET_MAPID_REQUEST_HIST);
 }
 
+/* The socket's smoothed RTT (tcp_sock.srtt_us, microseconds << 3) into its owner's
+ * histogram. */
+static __always_inline void observe_rtt(const void *sk, struct tcp_sock_info *info)
+{
+    u32 srtt8 = podnet_read_u32(sk, PODNET_OFF_TCP_SRTT_US);
+    if (!srtt8)
+        return;
+    u64 ns = (u64)srtt8 * 125;
+    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns)};
+    struct podnet_hist_val *v = tcp_rtt_hist.lookup(&k);
+    if (v) {
+        v->count++;
+        v->sum_ns += ns;
+        return;
+    }
+    struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
+    if (tcp_rtt_hist.update(&k, &init))
+        podnet_count_failure(PODNET_MAPID_TCP_RTT_HIST);
+}
+
 /* The request state machine: called for each send/recv with data. */
-static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int len)
+static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int len, u64 now)
 {
     if (!info->role)    /* established before podnet started: whoever speaks first asks */
         info->role = sent ? PODNET_ROLE_CLIENT : PODNET_ROLE_SERVER;
@@ -124,14 +148,14 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
         if (!asking)
             return;     /* more of the previous response */
         info->in_request = 1;
-        info->turn_start_ns = bpf_ktime_get_ns();
+        info->turn_start_ns = now;
         info->method = info->not_http ? 0 : podnet_peek_method(len);
         return;
     }
     if (asking)
         return;         /* more of the request */
     info->in_request = 0;
-    u64 ns = bpf_ktime_get_ns() - info->turn_start_ns;
+    u64 ns = now - info->turn_start_ns;
     u8 status = info->not_http ? 0 : podnet_peek_status_class(len);
     /* A connection does not turn into HTTP/1.x later: once a request was something else,
      * its payload is never read again. */
@@ -154,7 +178,15 @@ static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int 
     struct tcp_sock_info *info = identity_of(sk);
     if (!info)
         return 0;
-    track_turn(info, sent, ret);
+    u64 now = bpf_ktime_get_ns();
+    track_turn(info, sent, ret, now);
+    /* RTT: one sample of the smoothed RTT per socket and PODNET_RTT_SAMPLE_NS of activity.
+     * Sampling per segment (tcp:tcp_probe) would cost a hook run per packet, ACKs
+     * included, and weigh bulk transfers over everything else. */
+    if (now - info->last_rtt_ns >= PODNET_RTT_SAMPLE_NS) {
+        info->last_rtt_ns = now;
+        observe_rtt(sk, info);
+    }
     struct tcp_flow_key *id = &info->flow;
     struct tcp_bytes *v = tcp_flow_bytes.lookup(id);
     if (v) {
@@ -185,32 +217,6 @@ int on_sock_send_length(struct bpf_raw_tracepoint_args *ctx)
 int on_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 {
     return count_bytes(ctx, 0);
-}
-
-int on_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
-{
-    const void *sk = (const void *)ctx->args[0];
-    if (!sk)
-        return 0;
-    struct tcp_sock_info *info = identity_of(sk);
-    if (!info)
-        return 0;
-    /* srtt_us holds the smoothed RTT in microseconds << 3. */
-    u32 srtt8 = podnet_read_u32(sk, PODNET_OFF_TCP_SRTT_US);
-    if (!srtt8)
-        return 0;
-    u64 ns = (u64)srtt8 * 125;
-    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns)};
-    struct podnet_hist_val *v = tcp_rtt_hist.lookup(&k);
-    if (v) {
-        v->count++;
-        v->sum_ns += ns;
-        return 0;
-    }
-    struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
-    if (tcp_rtt_hist.update(&k, &init))
-        podnet_count_failure(PODNET_MAPID_TCP_RTT_HIST);
-    return 0;
 }
 
 int on_tcp_destroy_sock(struct bpf_raw_tracepoint_args *ctx)

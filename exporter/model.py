@@ -82,7 +82,8 @@ FLOW_BYTES = _pod(
 TCP_RTT = _pod(
     "podnet_tcp_rtt_seconds",
     Kind.HISTOGRAM,
-    "Smoothed RTT of the pod's established TCP sockets, sampled per received segment.",
+    "Smoothed RTT of the pod's TCP sockets, sampled at most once per millisecond per socket when the "
+    "application sends or receives.",
     unit="seconds",
     otel="podnet.tcp.rtt",
     otel_unit="s",

@@ -70,7 +70,6 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
         (
             Hook("sock_send_length", "on_sock_send_length", (_SOCK, "int", "int")),
             Hook("sock_recv_length", "on_sock_recv_length", (_SOCK, "int", "int")),
-            Hook("tcp_probe", "on_tcp_probe", (_SOCK, _SKB)),
             Hook("tcp_destroy_sock", "on_tcp_destroy_sock", (_SOCK,), required=True),
             Hook("inet_sock_set_state", "on_traffic_sock_state", (_SOCK, "int", "int"), required=True),
         ),

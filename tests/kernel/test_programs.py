@@ -73,15 +73,15 @@ def loopback_exchange(connections: int, send: int, reply: int) -> None:
 
 
 def test_missing_optional_hook_leaves_the_rest_running(btf: Btf, caplog: pytest.LogCaptureFixture) -> None:
-    progs = load(btf, frozenset({"tcp_probe", "tcp_send_reset"}))
+    progs = load(btf, frozenset({"tcp_retransmit_skb", "tcp_send_reset"}))
     try:
         status = {h.hook.label: h for h in progs.hooks}
-        assert not status["tcp_probe"].attached
-        assert status["tcp_probe"].reason == "kernel has no tracepoint tcp_probe"
+        assert not status["tcp_retransmit_skb"].attached
+        assert status["tcp_retransmit_skb"].reason == "kernel has no tracepoint tcp_retransmit_skb"
         assert not status["tcp_send_reset"].attached
-        for label in ("sock_send_length", "sock_recv_length", "inet_sock_set_state", "tcp_retransmit_skb"):
+        for label in ("sock_send_length", "sock_recv_length", "inet_sock_set_state", "tcp_receive_reset"):
             assert status[label].attached, status[label].reason
-        assert "podnet_tcp_rtt_seconds" in caplog.text
+        assert "podnet_tcp_retransmits_total" in caplog.text
     finally:
         progs.close()
 

@@ -29,7 +29,10 @@ lint: setup-test
 	$(VENV)/bin/mypy
 
 bench: setup-test
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v gcc >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk gcc >/dev/null
 	$(PY) bench/tcp_overhead.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -59,28 +59,22 @@ class MapReader:
         self._programs = programs
         self._batch_ok: dict[str, bool] = {}
 
-    def _items(self, program: str, name: str) -> Iterator[tuple[Any, Any]]:
-        table = self._programs.table(program, name)
-        if table is None:
-            return
-        # One BPF_MAP_LOOKUP_BATCH syscall per chunk instead of two syscalls per entry.
-        if self._batch_ok.get(name, True):
-            batches = lookup_batches(table)
-            try:
-                first = next(batches, None)
-            except OSError as e:
-                if e.errno not in _BATCH_UNSUPPORTED:
-                    raise
-                log.info("batch lookups unavailable for map %s (%s); reading entry by entry", name, e)
-                self._batch_ok[name] = False
-            else:
-                self._batch_ok[name] = True
-                if first is not None:
-                    yield from _entries(*first)
-                    for keys, values, n in batches:
-                        yield from _entries(keys, values, n)
-                return
-        yield from list(table.items())
+    def _chunks(self, name: str, table: Any) -> list[tuple[Any, Any, int]] | None:
+        """The whole map as BPF_MAP_LOOKUP_BATCH chunks (one syscall per ~1 MiB instead of
+        two per entry), or None where the kernel refuses batch lookups for this map (then
+        remembered, and the caller reads entry by entry)."""
+        if not self._batch_ok.get(name, True):
+            return None
+        try:
+            chunks = list(lookup_batches(table))
+        except OSError as e:
+            if e.errno not in _BATCH_UNSUPPORTED:
+                raise
+            log.info("batch lookups unavailable for map %s (%s); reading entry by entry", name, e)
+            self._batch_ok[name] = False
+            return None
+        self._batch_ok[name] = True
+        return chunks
 
     def _summed(self, program: str, name: str) -> Iterator[tuple[Any, tuple[int, ...]]]:
         """(key, value words summed over CPUs) of every entry of a per-CPU map; the words
@@ -89,18 +83,11 @@ class MapReader:
         if table is None:
             return
         ncpu, signed = table.total_cpu, _words(table.sLeaf)
-        if self._batch_ok.get(name, True):
-            try:
-                chunks = list(lookup_batches(table))
-            except OSError as e:
-                if e.errno not in _BATCH_UNSUPPORTED:
-                    raise
-                log.info("batch lookups unavailable for map %s (%s); reading entry by entry", name, e)
-                self._batch_ok[name] = False
-            else:
-                for keys, values, n in chunks:
-                    yield from zip(keys[:n], _cpu_sums(values, n, ncpu, signed), strict=True)
-                return
+        chunks = self._chunks(name, table)
+        if chunks is not None:
+            for keys, values, n in chunks:
+                yield from zip(keys[:n], _cpu_sums(values, n, ncpu, signed), strict=True)
+            return
         items = list(table.items())
         if items:
             values = (table.Leaf * len(items))(*(v for _, v in items))
@@ -112,13 +99,9 @@ class MapReader:
         table = self._programs.table(program, name)
         if table is None:
             return 0
-        if self._batch_ok.get(name, True):
-            try:
-                return sum(n for _, _, n in lookup_batches(table))
-            except OSError as e:
-                if e.errno not in _BATCH_UNSUPPORTED:
-                    raise
-                self._batch_ok[name] = False
+        chunks = self._chunks(name, table)
+        if chunks is not None:
+            return sum(n for _, _, n in chunks)
         return sum(1 for _ in table)
 
     def read(self) -> RawData:
@@ -276,11 +259,6 @@ def lookup_batches(table: Any, budget: int = BATCH_BYTES) -> Iterator[tuple[Any,
             return
         ct.memmove(token_in, token_out, ct.sizeof(token_in))
         started = True
-
-
-def _entries(keys: Any, values: Any, n: int) -> Iterator[tuple[Any, Any]]:
-    for i in range(n):
-        yield keys[i], values[i]
 
 
 def _words(ctype: Any) -> list[bool]:

@@ -2,7 +2,7 @@
 """Cost of the exporter at cluster scale: poll time, scrape time, memory and CPU for N pods.
 
     .venv/bin/python bench/scale.py [--pods 10,1000,5000] [--polls 7] [--scrapes 30]
-                                    [--max-series N] [--json OUT]
+                                    [--max-series N] [--otlp [--exports 10]] [--json OUT]
 
 Needs root (cgroups, BPF). Each size runs in a fresh child process, so its memory numbers are
 its own. A child loads the real programs (exporter.programs.load_programs), creates N pod
@@ -17,6 +17,18 @@ own code: Poller.poll_once (map read, cgroup resolution and dead-cgroup check, s
 rendering of text and OpenMetrics, plain and gzip) and HTTP scrapes of /metrics from the
 aiohttp routes the exporter serves (the pre-rendered snapshot), and reads VmRSS and VmHWM.
 The cgroups are removed when the child ends.
+
+With --otlp, after that, each child also times OTLP export per protocol (gRPC, then OTLP/HTTP
+protobuf): it starts the real receiver of tests/otlp_receivers.py on 127.0.0.1, builds the
+OtlpConfig as `podnet-exporter run --otlp-endpoint ... --otlp-protocol ...` does
+(exporter.config.resolve, no OTEL_* variables: exponential histograms, cumulative, no
+compression; interval one day so only explicit exports run) and an exporter.otlp.OtlpPusher whose
+get_snapshot returns the poller's latest snapshot, as service wires it. Before each timed
+export_now() it polls once, so every export has a new snapshot to send (the pusher sends a
+snapshot only once). Per export: wall time, the exporting thread's CPU time (time.thread_time),
+the process's CPU time (which also counts the in-process receiver and gRPC's threads), and what
+the receiver accepted: requests, protobuf bytes and data points, checked against the snapshot's
+series. One untimed export first (connection set-up).
 """
 
 from __future__ import annotations
@@ -268,7 +280,110 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run_one(n: int, polls: int, scrapes: int, max_series: int, profile: bool = False) -> dict[str, Any]:
+def receiver_points(requests: list[Any]) -> int:
+    """Data points in a receiver's ExportMetricsServiceRequests."""
+    n = 0
+    for req in requests:
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    if kind is not None:
+                        n += len(getattr(metric, kind).data_points)
+    return n
+
+
+def otlp_config(endpoint: str, protocol: str) -> Any:
+    """The OtlpConfig `podnet-exporter run` builds for these flags (no OTEL_* variables)."""
+    from exporter.config import parse_args, resolve
+
+    argv = ["run", "--otlp-endpoint", endpoint, "--otlp-protocol", protocol, "--otlp-interval", "86400"]
+    cfg = resolve(parse_args(argv)[1], {}).otlp
+    assert cfg is not None and cfg.histogram == "exponential" and cfg.temporality == "cumulative", cfg
+    return cfg
+
+
+def run_otlp(poller: Any, snapshots: Any, exports: int) -> dict[str, Any]:
+    """Time `exports` OtlpPusher.export_now() calls per protocol against a real local receiver."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import otlp_receivers as rx
+    from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from exporter import otlp
+
+    out: dict[str, Any] = {}
+    snap = snapshots.current.snapshot
+    series = sum(len(v) for v in snap.samples.values()) + sum(len(v) for v in snap.histograms.values())
+    # Where the time goes, once, outside the pusher: Snapshot -> SDK points, then SDK -> protobuf.
+    t0 = time.perf_counter()
+    families = otlp.snapshot_metrics(snap, start_ns=time.time_ns())
+    t1 = time.perf_counter()
+    requests = list(
+        otlp._requests(
+            families,
+            Resource({}),
+            InstrumentationScope(otlp.SCOPE_NAME),
+            AggregationTemporality.CUMULATIVE,
+            otlp.MAX_POINTS_PER_REQUEST,
+        )
+    )
+    t2 = time.perf_counter()
+    for data, _ in requests:
+        encode_metrics(data)
+    t3 = time.perf_counter()
+    out["split"] = {"convert": t1 - t0, "requests": t2 - t1, "encode": t3 - t2}
+    out["series"] = series
+    del families, requests
+
+    for protocol in ("grpc", "http/protobuf"):
+        receiver = rx.make_receiver(protocol)
+        pusher = None
+        try:
+            pusher = otlp.OtlpPusher(
+                otlp_config(receiver.endpoint, protocol),
+                node_name=NODE,
+                cluster_name="bench",
+                get_snapshot=lambda: snapshots.current.snapshot,
+            )
+            runs: list[dict[str, float]] = []
+            for k in range(exports + 1):
+                snapshots.current = poller.poll_once()
+                want = sum(len(v) for v in snapshots.current.snapshot.samples.values())
+                want += sum(len(v) for v in snapshots.current.snapshot.histograms.values())
+                receiver.clear()
+                wall0, cpu0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
+                ok = pusher.export_now()
+                run = {
+                    "wall": time.perf_counter() - wall0,
+                    "cpu": time.thread_time() - cpu0,
+                    "process_cpu": time.process_time() - proc0,
+                }
+                got = receiver.requests
+                assert ok, f"{protocol}: export failed"
+                run["requests"] = len(got)
+                run["bytes"] = sum(r.ByteSize() for r in got)
+                run["points"] = receiver_points(got)
+                run["series"] = want
+                if k > 0:  # the first one sets up the connection
+                    runs.append(run)
+            missing = [r["series"] - r["points"] for r in runs if r["points"] != r["series"]]
+            out[protocol] = {key: summary([r[key] for r in runs]) for key in runs[0]}
+            out[protocol]["exports"] = len(runs)
+            out[protocol]["mismatched_exports"] = len(missing)
+            out[protocol]["ok_failed"] = list(pusher.stats[:2])
+        finally:
+            if pusher is not None:
+                pusher.shutdown()
+            rx.close_receiver(receiver)
+    return out
+
+
+def run_one(
+    n: int, polls: int, scrapes: int, max_series: int, profile: bool = False, otlp_exports: int = 0
+) -> dict[str, Any]:
     import exporter.poller as poller_mod
     from exporter.btf import Btf
     from exporter.cgroups import CgroupIndex, find_cgroup2_mount
@@ -385,6 +500,10 @@ def run_one(n: int, polls: int, scrapes: int, max_series: int, profile: bool = F
         out["rss_anon_end_kib"] = vm_kib("RssAnon")
         out["rss_file_end_kib"] = vm_kib("RssFile")
         out["hwm_kib"] = vm_kib("VmHWM")
+        if otlp_exports:
+            out["otlp"] = run_otlp(poller, snapshots, otlp_exports)
+            out["rss_after_otlp_kib"] = vm_kib("VmRSS")
+            out["hwm_after_otlp_kib"] = vm_kib("VmHWM")
     finally:
         if server is not None:
             server.close()
@@ -426,18 +545,42 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def otlp_table(results: list[dict[str, Any]], interval: float = 60.0) -> str:
+    rows = [
+        "| protocol | pods | series | export ms | thread CPU ms | process CPU ms | CPU % at "
+        f"{interval:g} s | requests | MB sent | points received |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for protocol in ("grpc", "http/protobuf"):
+        for r in results:
+            o = r.get("otlp", {}).get(protocol)
+            if o is None:
+                continue
+            cpu = o["cpu"]["median"]
+            rows.append(
+                f"| {protocol} | {r['pods']:,} | {o['series']['median']:,.0f} | {ms(o['wall']['median'])} "
+                f"| {ms(cpu)} | {ms(o['process_cpu']['median'])} | {cpu / interval * 100:.2f} "
+                f"| {o['requests']['median']:.0f} | {o['bytes']['median'] / 1e6:.2f} "
+                f"| {o['points']['median']:,.0f} ({o['mismatched_exports']} of {o['exports']} short) |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", default="10,1000,5000", help="comma-separated pod counts")
     ap.add_argument("--polls", type=int, default=7, help="warm polls timed per size")
     ap.add_argument("--scrapes", type=int, default=30, help="scrapes timed per size and format")
     ap.add_argument("--max-series", type=int, default=10000, help="the exporter's --max-series")
+    ap.add_argument("--otlp", action="store_true", help="also time OTLP export (gRPC and HTTP) per size")
+    ap.add_argument("--exports", type=int, default=10, help="with --otlp: exports timed per protocol")
     ap.add_argument("--json", default="", help="write all results here")
     ap.add_argument("--profile", action="store_true", help="with --one: cProfile one poll to stderr")
     ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.one, a.polls, a.scrapes, a.max_series, a.profile)))
+        exports = a.exports if a.otlp else 0
+        print(json.dumps(run_one(a.one, a.polls, a.scrapes, a.max_series, a.profile, exports)))
         return 0
     if os.geteuid() != 0:
         print("bench/scale.py needs root (cgroups, BPF)", file=sys.stderr)
@@ -449,6 +592,7 @@ def main() -> int:
             [
                 *(sys.executable, __file__, "--one", str(n), "--polls", str(a.polls)),
                 *("--scrapes", str(a.scrapes), "--max-series", str(a.max_series)),
+                *(("--otlp", "--exports", str(a.exports)) if a.otlp else ()),
             ],
             cwd=REPO,
             capture_output=True,
@@ -465,6 +609,15 @@ def main() -> int:
         "results": results,
     }
     print(table(results))
+    if a.otlp:
+        print()
+        print(otlp_table(results))
+        for r in results:
+            split = r["otlp"]["split"]
+            print(
+                f"{r['pods']} pods, one export outside the pusher: convert {ms(split['convert'])} ms, "
+                f"split {ms(split['requests'])} ms, encode {ms(split['encode'])} ms"
+            )
     for r in results:
         if r["series_dropped_total"]:
             print(f"{r['pods']} pods: series dropped by the cap: {r['series_dropped_total']}")

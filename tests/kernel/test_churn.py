@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from exporter_proc import ExporterProcess, Scrape
+from kernel_maps import cgroups_in_maps
 from podsim import SimCluster, SimPod, traffic_argv, wait_for_file
 
 ROUNDS = 100
@@ -32,20 +33,6 @@ SEND, REPLY = 300, 70  # bytes per connection
 PORT = 7100
 WARMUP_ROUNDS = 10
 RSS_SLACK_KIB = 20 * 1024
-
-# Kernel maps keyed by (cgroup id, ...): the key's first 8 bytes. Names as bpftool shows them
-# (the kernel keeps 15 characters).
-CGROUP_KEYED = (
-    "tcp_flow_bytes",
-    "tcp_flow_overflow",
-    "tcp_rtt_hist",
-    "request_hist",
-    "tcp_conn_by_cgroup",
-    "tcp_connect_duration_hist",
-    "tcp_events_by_cgroup",
-)
-# Per-socket maps: where the owner's cgroup id sits in the value.
-SOCKET_KEYED = {"tcp_socks_open": 0, "tcp_connects_pending": 8, "tcp_sock_identity": 0}
 
 
 # ---- the traffic helper (this file as a script) -------------------------------------------------
@@ -87,60 +74,6 @@ def churn_client(home: str, netns: str, host: str, port: int) -> int:
             _move_self(home)  # the pod's cgroup must be empty to be removed
         print("ok", flush=True)
     return 0
-
-
-# ---- kernel map inspection --------------------------------------------------------------------
-
-
-def _bpftool(*args: str) -> object:
-    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True).stdout
-    return json.loads(out)
-
-
-def _hex(words: object) -> bytes:
-    assert isinstance(words, list)
-    return bytes(int(str(b), 16) for b in words)
-
-
-def exporter_maps(pid: int) -> dict[str, int]:
-    """map name (as the kernel truncates it) -> id, for the maps the process holds open:
-    other exporters on this machine have maps of the same names."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        for line in info.splitlines():
-            if line.startswith("map_id:"):
-                ids.add(int(line.split()[1]))
-    out = {}
-    for map_id in ids:
-        shown = _bpftool("map", "show", "id", str(map_id))
-        assert isinstance(shown, dict)
-        out[str(shown.get("name", ""))] = map_id
-    return out
-
-
-def cgroups_in_maps(pid: int) -> dict[str, set[int]]:
-    """Per map, the cgroup ids its entries belong to."""
-    found: dict[str, set[int]] = {}
-    for name, map_id in exporter_maps(pid).items():
-        keyed = next((m for m in CGROUP_KEYED if m[:15] == name), None)
-        sock = next((m for m in SOCKET_KEYED if m[:15] == name), None)
-        if keyed is None and sock is None:
-            continue
-        entries = _bpftool("map", "dump", "id", str(map_id))
-        assert isinstance(entries, list)
-        ids: set[int] = set()
-        for entry in entries:
-            if keyed is not None:
-                ids.add(int.from_bytes(_hex(entry["key"])[:8], "little"))
-            else:
-                off = SOCKET_KEYED[str(sock)]
-                ids.add(int.from_bytes(_hex(entry["value"])[off : off + 8], "little"))
-        found[keyed or str(sock)] = ids
-    return found
 
 
 def rss_kib(pid: int) -> int:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from exporter_proc import ExporterProcess, Scrape
+from kernel_maps import cgroups_in_maps
 from podsim import SimCluster, SimPod, traffic_argv, wait_for_file
 
 HERE = Path(__file__).resolve().parent
@@ -386,6 +389,11 @@ def _bucket_of(buckets: list[tuple[float, float]], q: float) -> tuple[float, flo
     raise AssertionError("empty histogram")
 
 
+def _delta(after: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    earlier = dict(before)
+    return [(le, cum - earlier.get(le, 0.0)) for le, cum in after]
+
+
 def test_rtt_agrees_with_ss(cluster: SimCluster, exporter: ExporterProcess, pods_file: str) -> None:
     a = cluster.add_pod("pinger", workload="pinger")
     b = cluster.add_pod("ponger", workload="ponger")
@@ -410,21 +418,28 @@ def test_rtt_agrees_with_ss(cluster: SimCluster, exporter: ExporterProcess, pods
         stderr=subprocess.PIPE,
     )
     wait_for_file(ready, proc=pp)
-    ss = subprocess.run(
-        ["ip", "netns", "exec", a.netns, "ss", "-tinH", "dst", b.ip],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rtt_ms = float(ss.split(" rtt:")[1].split("/")[0])
-    s = exporter.fresh_scrape()
+    # Compare the samples taken while the connection keeps pinging with what ss reports
+    # meanwhile: the median of each must fall in the same or a neighbouring bucket.
+    before = _hist(exporter.fresh_scrape(), "podnet_tcp_rtt_seconds", **pod_labels(a))
+    readings = []
+    for _ in range(10):
+        ss = subprocess.run(
+            ["ip", "netns", "exec", a.netns, "ss", "-tinH", "dst", b.ip],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        readings.append(float(ss.split(" rtt:")[1].split("/")[0]) / 1000)
+        time.sleep(0.05)
+    after = _hist(exporter.fresh_scrape(), "podnet_tcp_rtt_seconds", **pod_labels(a))
     Path(hold).touch()
     finish(pp)
     finish(server)
-    buckets = _hist(s, "podnet_tcp_rtt_seconds", **pod_labels(a))
-    lo, hi = _bucket_of(buckets, 0.5)
-    # The median sample's bucket holds ss's RTT, or is its neighbour (ss shows one moment).
-    assert lo / 2 < rtt_ms / 1000 <= hi * 2, (lo, hi, rtt_ms, ss)
+    window = _delta(after, before)
+    assert window[-1][1] >= 5, window  # samples were taken during the window
+    lo, hi = _bucket_of(window, 0.5)
+    rtt = statistics.median(readings)
+    assert lo / 2 < rtt <= hi * 2, (lo, hi, readings)
 
 
 def test_delay_line_moves_rtt_and_connect_time(
@@ -476,18 +491,6 @@ def test_delay_line_moves_rtt_and_connect_time(
 # ---- lifecycle: dead cgroups -----------------------------------------------------------------
 
 
-def kernel_map_cgroups(map_name: str) -> set[int]:
-    """Cgroup ids (first 8 key bytes) present in the exporter's kernel map `map_name`."""
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "name", map_name], capture_output=True, text=True)
-    if out.returncode != 0:
-        return set()
-    ids = set()
-    for entry in json.loads(out.stdout):
-        key = entry.get("key") or entry.get("formatted", {}).get("key")
-        ids.add(int.from_bytes(bytes(int(b, 16) for b in key[:8]), "little"))
-    return ids
-
-
 def test_dead_container_is_freed_and_its_pod_keeps_counting(
     cluster: SimCluster, exporter: ExporterProcess, pods_file: str
 ) -> None:
@@ -500,7 +503,7 @@ def test_dead_container_is_freed_and_its_pod_keeps_counting(
     sent = "podnet_tcp_sent_bytes_total"
     assert exporter.fresh_scrape().value(sent, **full_labels(a)) == 300
     old_id = a.cgroup_id
-    assert old_id in kernel_map_cgroups("tcp_flow_bytes")
+    assert old_id in cgroups_in_maps(exporter.proc.pid)["tcp_flow_bytes"]
 
     cluster.restart_container(a)
     cluster.write_pods_file(pods_file)
@@ -512,14 +515,14 @@ def test_dead_container_is_freed_and_its_pod_keeps_counting(
     assert s.value(sent, **full_labels(a)) == 500
     assert len(s.series(sent, **pod_labels(a))) == 1
     assert s.value("podnet_tcp_connections_opened_total", **pod_labels(a), direction="outbound") == 5
-    assert old_id not in kernel_map_cgroups("tcp_flow_bytes")
-    assert old_id not in kernel_map_cgroups("tcp_conn_by_cgr")
+    assert old_id not in cgroups_in_maps(exporter.proc.pid)["tcp_flow_bytes"]
+    assert old_id not in cgroups_in_maps(exporter.proc.pid)["tcp_conn_by_cgroup"]
 
     cluster.remove_pod(a)
     cluster.write_pods_file(pods_file)
     s = exporter.fresh_scrape(polls=3)
     assert s.series(sent, pod=a.name) == []
     assert s.series("podnet_tcp_connections_opened_total", pod=a.name) == []
-    assert a.cgroup_id not in kernel_map_cgroups("tcp_flow_bytes")
+    assert a.cgroup_id not in cgroups_in_maps(exporter.proc.pid)["tcp_flow_bytes"]
     # The peer keeps its own totals.
     assert s.value(sent, **full_labels(b)) == 50

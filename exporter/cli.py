@@ -53,8 +53,8 @@ def bpf_source(preprocessed: bool, out: Sequence[str] | None = None) -> int:
         else:
             print(spec.source.read_text())
     if not preprocessed:
-        header = BPF_DIR / "podnet.h"
-        print(f"\n// ===== {header} =====\n{header.read_text()}")
+        for header in sorted(BPF_DIR.glob("*.h")):
+            print(f"\n// ===== {header} =====\n{header.read_text()}")
     return 0
 
 
@@ -83,3 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `podnet-exporter bpf-source | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

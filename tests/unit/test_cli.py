@@ -227,3 +227,27 @@ def test_top_level_help_lists_commands() -> None:
     assert proc.returncode == 0
     for command in ("run", "doctor", "bpf-source"):
         assert command in proc.stdout
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(), reason="needs the kernel's BTF")
+def test_bpf_source_prints_offsets_flags_and_every_source() -> None:
+    result = cli("bpf-source")
+    assert result.returncode == 0, result.stderr
+    assert "#define PODNET_OFF_SK_CGROUP " in result.stdout
+    assert "// cflags: " in result.stdout
+    for name in ("tcp_traffic.bpf.c", "tcp_state.bpf.c", "tcp_events.bpf.c", "podnet.h", "requests.h"):
+        assert f"/{name} =====" in result.stdout
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(), reason="needs the kernel's BTF")
+def test_bpf_source_into_a_closed_pipe_is_quiet() -> None:
+    proc = subprocess.run(
+        f"{sys.executable} -m exporter bpf-source | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.startswith("// resolved kernel struct offsets")

@@ -91,12 +91,12 @@ def parse_cgroup_path(path: str) -> CgroupRef:
     return CgroupRef(path, None, None, None, None, leaf)
 
 
-def _canonical_uid(text: str, separator: str) -> str | None:
-    if _UID_PLAIN.fullmatch(text):
-        return text.lower()
+def _canonical_uid(uid: str, separator: str) -> str | None:
+    if _UID_PLAIN.fullmatch(uid):
+        return uid.lower()
     pattern = _UID_UNDERSCORED if separator == "_" else _UID_DASHED
-    if pattern.fullmatch(text):
-        return text.replace("_", "-").lower()
+    if pattern.fullmatch(uid):
+        return uid.replace("_", "-").lower()
     return None
 
 

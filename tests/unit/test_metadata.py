@@ -401,9 +401,9 @@ def test_reload_on_same_size_change_by_mtime(pods_path: Path) -> None:
     store = PodStore()
     src = PodsFileSource(str(pods_path), store)
     src.load_initial()
-    text = pods_path.read_text()
-    renamed = text.replace("db-0", "db-1")
-    assert len(renamed) == len(text)
+    original = pods_path.read_text()
+    renamed = original.replace("db-0", "db-1")
+    assert len(renamed) == len(original)
     rewrite(pods_path, renamed)
     assert src.refresh() is True
     db = store.by_uid(UID_DB)

@@ -48,11 +48,13 @@ def parse(text: str) -> Scrape:
 
 
 class ExporterProcess:
-    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"podnet-exporter-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "exporter", "run", "--listen", f"127.0.0.1:{self.port}", *args]
+        cmd = [*prefix, sys.executable, "-m", "exporter", "run", "--listen", f"127.0.0.1:{self.port}", *args]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )

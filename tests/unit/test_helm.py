@@ -326,7 +326,7 @@ def test_security_context_is_least_privilege(chart: helm.Chart) -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {
         "drop": ["ALL"],
-        "add": ["BPF", "PERFMON", "SYS_RESOURCE", "DAC_READ_SEARCH"],
+        "add": ["BPF", "PERFMON"],
     }
     assert "SYS_ADMIN" not in json.dumps(r.objects)
     assert r.pod["hostPID"] is False and r.pod["hostIPC"] is False
@@ -692,7 +692,7 @@ def test_docs_list_every_value() -> None:
     keys = set(leaf_keys(values_yaml()))
     assert keys - table == set(), "values missing from the docs/HELM.md values table"
     assert table - keys == set(), "docs/HELM.md documents values that do not exist"
-    for cap in ("BPF", "PERFMON", "SYS_RESOURCE", "DAC_READ_SEARCH"):
+    for cap in ("BPF", "PERFMON"):
         assert f"`{cap}`" in docs, cap
     for path in ("/lib/modules", "/usr/src", "/sys/fs/cgroup", "/tmp"):
         assert f"`{path}`" in docs, path

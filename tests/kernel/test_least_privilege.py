@@ -1,0 +1,44 @@
+"""The exporter needs CAP_BPF and CAP_PERFMON and nothing else (Linux 5.11+, where BPF
+memory is charged to the memory cgroup instead of RLIMIT_MEMLOCK): run it as a container
+runtime would, uid 0 with every other capability removed from the bounding set, and check
+that everything attaches and the numbers are still exact. The Helm chart's default
+securityContext asks for exactly these two."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from exporter_proc import ExporterProcess
+from podsim import SimCluster
+from test_tcp_metrics import client, finish, full_labels, serve
+
+ONLY_BPF_AND_PERFMON = ["setpriv", "--bounding-set=-all,+bpf,+perfmon"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_runs_with_only_cap_bpf_and_cap_perfmon(
+    cluster: SimCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pods_file = str(tmp_path_factory.mktemp("caps") / "pods.json")
+    a = cluster.add_pod("capped-client", workload="cappedc")
+    b = cluster.add_pod("capped-server", workload="cappeds")
+    cluster.write_pods_file(pods_file)
+    exp = ExporterProcess(["--pods-file", pods_file, "--poll-interval", "0.3"], prefix=ONLY_BPF_AND_PERFMON)
+    try:
+        exp.wait_ready()
+        status = Path(f"/proc/{exp.proc.pid}/status").read_text()
+        cap_eff = int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16)
+        assert cap_eff == (1 << 38) | (1 << 39), hex(cap_eff)  # CAP_PERFMON | CAP_BPF
+        server = serve(b, 8080, connections=4, reply=321)
+        client(a, b.ip, 8080, 4, 1234, 321)
+        finish(server)
+        s = exp.fresh_scrape()
+        attached = s.series("podnet_exporter_program_attached")
+        assert attached and all(s.value("podnet_exporter_program_attached", **ls) == 1 for ls in attached)
+        assert s.value("podnet_tcp_sent_bytes_total", **full_labels(a)) == 4 * 1234
+        assert s.value("podnet_tcp_received_bytes_total", **full_labels(b)) == 4 * 1234
+        assert s.value("podnet_exporter_unresolved_cgroups") == 0
+    finally:
+        assert exp.stop() == 0, exp.log()

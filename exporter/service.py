@@ -21,7 +21,6 @@ from exporter.maps import MapReader
 from exporter.metadata import PodsFileSource, PodStore
 from exporter.model import BucketLayout
 from exporter.offsets import resolve_offsets
-from exporter.otlp import OtlpPusher
 from exporter.peers import PeerResolver
 from exporter.poller import Poller, PollerParts, SnapshotStore, settle_heap
 from exporter.programs import MapSizes, load_programs
@@ -84,6 +83,9 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     settle_heap()
     pusher = None
     if config.otlp is not None:
+        # Imported only when used: the OpenTelemetry SDK and gRPC cost ~15 MiB.
+        from exporter.otlp import OtlpPusher
+
         pusher = OtlpPusher(
             config.otlp,
             node_name=config.node_name,

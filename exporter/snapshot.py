@@ -227,10 +227,15 @@ def _hist_sample(labels: tuple[str, ...], parts: list[Slots]) -> m.HistSample:
             for slot, (count, sum_ns) in part.items():
                 c0, s0 = slots.get(slot, (0, 0))
                 slots[slot] = (c0 + count, s0 + sum_ns)
-    ordered = tuple(sorted((s, c) for s, (c, _) in slots.items() if c))
-    return m.HistSample(
-        labels, ordered, sum(c for c, _ in slots.values()), sum(t for _, t in slots.values()) / NS_PER_S
-    )
+    # One pass: this runs for every histogram series of every poll.
+    ordered = []
+    count = total = 0
+    for slot, (c, t) in sorted(slots.items()):
+        count += c
+        total += t
+        if c:
+            ordered.append((slot, c))
+    return m.HistSample(labels, tuple(ordered), count, total / NS_PER_S)
 
 
 def _self_metrics(acc: _Acc, raw: RawData, state: ExporterState, now: float) -> None:

@@ -129,11 +129,13 @@ def build_snapshot(
     _series_dropped(acc, dropped, previous)
 
     samples = {
-        name: tuple(m.Sample(labels, v) for labels, v in sorted(series.items()))
+        # Unsorted: order within a family means nothing to Prometheus or OTLP, and sorting
+        # 28,000 label tuples is a sixth of a poll at 1,000 pods.
+        name: tuple(m.Sample(labels, v) for labels, v in series.items())
         for name, series in acc.values.items()
     }
     hists = {
-        name: tuple(_hist_sample(labels, slots) for labels, slots in sorted(series.items()))
+        name: tuple(_hist_sample(labels, slots) for labels, slots in series.items())
         for name, series in acc.hists.items()
     }
     pod_uids = {(i.namespace, i.pod): i.pod_uid for i in identities.values() if i.pod_uid}

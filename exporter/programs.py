@@ -143,8 +143,8 @@ class LoadedPrograms:
         # Our ctypes mirrors, not BCC's generated ones: one definition of each layout.
         types = MAP_TYPES.get(name)
         if types is None:
-            return obj.get_table(name)
-        return obj.get_table(name, keytype=types[0], leaftype=types[1])
+            return obj.get_table(name.encode())
+        return obj.get_table(name.encode(), keytype=types[0], leaftype=types[1])
 
     def program_fds(self) -> dict[str, int]:
         """hook label -> fd of the attached program, for run-time statistics."""

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,18 +150,59 @@ def cluster_tmp() -> str:
     return tempfile.gettempdir()
 
 
-def test_per_socket_state_is_freed(btf: Btf) -> None:
+def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster) -> None:
     progs = load(btf)
     try:
-        reader = MapReader(progs)
-        loopback_exchange(connections=20, send=100, reply=10)
-        raw = reader.read()
-        # Every connection closed: nothing pending, nothing tracked as open by this exchange.
-        assert raw.map_entries["tcp_connects_pending"] == 0
-        table = progs.table("tcp_traffic", "tcp_sock_identity")
-        assert table is not None
-        ours = [k for k, v in table.items() if v.flow.peer[10:16] == bytes([255, 255, 127, 0, 0, 1])]
-        assert len(ours) <= 2  # at most the listener-side leftovers of sockets still in teardown
+        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-sockets.service")
+        ready = os.path.join(cluster_tmp(), f"{cluster.tag}-sockets-ready")
+        server = cluster.cgroup_popen(
+            cg_dir,
+            traffic_argv(
+                "server", "--port", 47300, "--connections", 20, "--reply-bytes", 10, "--ready-file", ready
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_file(ready, proc=server)
+        client = cluster.cgroup_popen(
+            cg_dir,
+            traffic_argv(
+                "client",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                47300,
+                "--connections",
+                20,
+                "--send-bytes",
+                100,
+                "--expect-bytes",
+                10,
+            ),
+            stdout=subprocess.DEVNULL,
+        )
+        assert client.wait(60) == 0 and server.wait(60) == 0
+        raw = MapReader(progs).read()
+        assert raw.cgroups[cg_id].opened == [20, 20]
+        # Every connection closed: nothing of this cgroup is still pending, open or cached.
+        pending = progs.table("tcp_state", "tcp_connects_pending")
+        opened = progs.table("tcp_state", "tcp_socks_open")
+        cached = progs.table("tcp_traffic", "tcp_sock_identity")
+        assert pending is not None and opened is not None and cached is not None
+
+        def leftovers() -> list[object]:
+            return (
+                [v for v in pending.values() if v.cgroup_id == cg_id]
+                + [v for v in opened.values() if v.cgroup_id == cg_id]
+                + [v for v in cached.values() if v.flow.cgroup_id == cg_id]
+            )
+
+        # The last FIN/ACK exchange may still be on its way when the processes exit.
+        deadline = time.monotonic() + 10
+        while leftovers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers() == []
+        assert MapReader(progs).read().cgroups[cg_id].active == [0, 0]
     finally:
         progs.close()
 

@@ -7,8 +7,8 @@ import os
 import socket
 import subprocess
 import tempfile
-import time
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 

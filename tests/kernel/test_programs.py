@@ -101,41 +101,57 @@ def test_missing_required_hook_disables_only_its_program(btf: Btf) -> None:
         progs.close()
 
 
+def host_exchange(cluster: SimCluster, name: str, port: int, hosts: list[str], send: int, reply: int) -> int:
+    """In a new host cgroup: a server on `port`, and one client connection to each of
+    `hosts` (loopback addresses) sending `send` bytes for `reply`. Returns the cgroup id."""
+    cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-{name}.service")
+    ready = os.path.join(tempfile.gettempdir(), f"{cluster.tag}-{name}-ready")
+    server = cluster.cgroup_popen(
+        cg_dir,
+        traffic_argv(
+            "server",
+            "--port",
+            port,
+            "--connections",
+            len(hosts),
+            "--reply-bytes",
+            reply,
+            "--ready-file",
+            ready,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_file(ready, proc=server)
+    for host in hosts:
+        client = cluster.cgroup_popen(
+            cg_dir,
+            traffic_argv(
+                "client",
+                "--host",
+                host,
+                "--port",
+                port,
+                "--connections",
+                1,
+                "--send-bytes",
+                send,
+                "--expect-bytes",
+                reply,
+            ),
+            stdout=subprocess.DEVNULL,
+        )
+        assert client.wait(30) == 0
+    assert server.wait(30) == 0
+    return cg_id
+
+
 def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimCluster) -> None:
     # A flow map of 8 entries and 11 peers: the overflow is counted, the owner's totals stay
     # exact through its catch-all flow.
     progs = load(btf, sizes=MapSizes(2))
     try:
-        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-full.service")
-        ready = os.path.join(cluster_tmp(), f"{cluster.tag}-ready")
-        server = cluster.cgroup_popen(
-            cg_dir,
-            traffic_argv(
-                "server", "--port", 47200, "--connections", 11, "--reply-bytes", 7, "--ready-file", ready
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_file(ready, proc=server)
-        for i in range(2, 13):
-            cluster.cgroup_popen(
-                cg_dir,
-                traffic_argv(
-                    "client",
-                    "--host",
-                    f"127.0.0.{i}",
-                    "--port",
-                    47200,
-                    "--connections",
-                    1,
-                    "--send-bytes",
-                    100,
-                    "--expect-bytes",
-                    7,
-                ),
-                stdout=subprocess.DEVNULL,
-            ).wait(30)
-        assert server.wait(30) == 0
+        cg_id = host_exchange(cluster, "full", 47200, [f"127.0.0.{i}" for i in range(2, 13)], 100, 7)
         raw = MapReader(progs).read()
         assert raw.map_failures["tcp_flow_bytes"] > 0
         assert raw.map_entries["tcp_flow_bytes"] <= 8
@@ -146,42 +162,10 @@ def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimClust
         progs.close()
 
 
-def cluster_tmp() -> str:
-    return tempfile.gettempdir()
-
-
 def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster) -> None:
     progs = load(btf)
     try:
-        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-sockets.service")
-        ready = os.path.join(cluster_tmp(), f"{cluster.tag}-sockets-ready")
-        server = cluster.cgroup_popen(
-            cg_dir,
-            traffic_argv(
-                "server", "--port", 47300, "--connections", 20, "--reply-bytes", 10, "--ready-file", ready
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_file(ready, proc=server)
-        client = cluster.cgroup_popen(
-            cg_dir,
-            traffic_argv(
-                "client",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                47300,
-                "--connections",
-                20,
-                "--send-bytes",
-                100,
-                "--expect-bytes",
-                10,
-            ),
-            stdout=subprocess.DEVNULL,
-        )
-        assert client.wait(60) == 0 and server.wait(60) == 0
+        cg_id = host_exchange(cluster, "sockets", 47300, ["127.0.0.1"] * 20, 100, 10)
         raw = MapReader(progs).read()
         assert raw.cgroups[cg_id].opened == [20, 20]
         # Every connection closed: nothing of this cgroup is still pending, open or cached.

@@ -62,15 +62,25 @@ _ADDRESS_CACHE = 65536
 """Peers' parsed addresses kept between polls (the same peers recur every poll)."""
 
 
+NODE_ADDRESSES_MAX_AGE = 30.0
+
+
 class PeerResolver:
     def __init__(self, store: PodStore) -> None:
         self._store = store
         self.node_addresses: frozenset[str] = frozenset()
+        self._addresses_read_at = float("-inf")
         # addr16 -> (printed address, loopback): parsing is most of classify's cost.
         self._addresses: dict[bytes, tuple[str, bool]] = {}
 
-    def refresh_node_addresses(self) -> None:
+    def refresh_node_addresses(self, now: float, max_age: float = NODE_ADDRESSES_MAX_AGE) -> None:
+        """Re-read the node's addresses when the last read is older than `max_age` seconds:
+        they rarely change, and fib_trie grows with the routing table (one route per pod on
+        some CNIs), so reading it every poll would be I/O repeated for nothing."""
+        if now - self._addresses_read_at < max_age:
+            return
         self.node_addresses = read_local_addresses()
+        self._addresses_read_at = now
 
     def classify(self, addr16: bytes, owner: Identity) -> tuple[str, str, str]:
         """(peer_namespace, peer_workload, peer_kind)."""

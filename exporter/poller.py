@@ -216,7 +216,7 @@ class Poller:
                 failed = failed or p.pods_file.errors > errors_before
                 self.file_health.refreshed(changed=changed, failed=failed, now=time.time())
         try:
-            p.peers.refresh_node_addresses()
+            p.peers.refresh_node_addresses(time.monotonic())
         except Exception as e:
             self._error("node_addresses", e)
         raw = p.reader.read()

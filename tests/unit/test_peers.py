@@ -274,3 +274,19 @@ def test_classify_always_returns_a_known_kind(ip: ipaddress.IPv4Address | ipaddr
         assert kind in (PEER_POD, PEER_NODE, PEER_EXTERNAL)
         if kind != PEER_POD:
             assert (ns, workload) == ("", "")
+
+
+def test_node_addresses_are_reread_only_when_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+
+    def fake_read() -> frozenset[str]:
+        reads.append(1)
+        return frozenset({f"10.0.0.{len(reads)}"})
+
+    monkeypatch.setattr("exporter.peers.read_local_addresses", fake_read)
+    r = PeerResolver(PodStore())
+    r.refresh_node_addresses(100.0, max_age=30)
+    r.refresh_node_addresses(120.0, max_age=30)
+    assert len(reads) == 1 and r.node_addresses == {"10.0.0.1"}
+    r.refresh_node_addresses(131.0, max_age=30)
+    assert len(reads) == 2 and r.node_addresses == {"10.0.0.2"}

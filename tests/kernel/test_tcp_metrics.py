@@ -60,25 +60,27 @@ def serve(
     return p
 
 
+def run_json(pod: SimPod, argv: list[str]) -> dict[str, object]:
+    """Run argv in the pod to completion; its last stdout line, parsed as JSON."""
+    return finish(pod.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+
+
 def client(pod: SimPod, host: str, port: int, connections: int, send: int, expect: int) -> dict[str, object]:
-    return finish(
-        pod.popen(
-            traffic_argv(
-                "client",
-                "--host",
-                host,
-                "--port",
-                port,
-                "--connections",
-                connections,
-                "--send-bytes",
-                send,
-                "--expect-bytes",
-                expect,
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+    return run_json(
+        pod,
+        traffic_argv(
+            "client",
+            "--host",
+            host,
+            "--port",
+            port,
+            "--connections",
+            connections,
+            "--send-bytes",
+            send,
+            "--expect-bytes",
+            expect,
+        ),
     )
 
 
@@ -286,23 +288,11 @@ def test_failed_connects_by_reason(cluster: SimCluster, exporter: ExporterProces
     a = cluster.add_pod("caller", workload="caller")
     b = cluster.add_pod("callee", workload="callee")
     cluster.write_pods_file(pods_file)
-    refused = finish(
-        a.popen(
-            traffic_argv("connect", "--host", b.ip, "--port", 9, "--timeout", 5),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    )
+    refused = run_json(a, traffic_argv("connect", "--host", b.ip, "--port", 9, "--timeout", 5))
     assert refused["result"] == "refused"
     # A dropped SYN and a client that gives up after 1 s.
     netns_run(b, "iptables -A INPUT -p tcp --dport 9999 --syn -j DROP")
-    timed_out = finish(
-        a.popen(
-            traffic_argv("connect", "--host", b.ip, "--port", 9999, "--timeout", 1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    )
+    timed_out = run_json(a, traffic_argv("connect", "--host", b.ip, "--port", 9999, "--timeout", 1))
     assert timed_out["result"] == "timeout"
     s = exporter.fresh_scrape()
     failed = "podnet_tcp_connections_failed_total"
@@ -327,16 +317,7 @@ def test_resets_sent_and_received(cluster: SimCluster, exporter: ExporterProcess
         stderr=subprocess.PIPE,
     )
     wait_for_file(ready, proc=srv)
-    assert (
-        finish(
-            a.popen(
-                actions("rst-client", "--host", b.ip, "--port", 4000),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )["reset"]
-        is True
-    )
+    assert run_json(a, actions("rst-client", "--host", b.ip, "--port", 4000))["reset"] is True
     finish(srv)
     s = exporter.fresh_scrape()
     resets = "podnet_tcp_resets_total"
@@ -466,14 +447,8 @@ def test_delay_line_moves_rtt_and_connect_time(
     try:
         wait_for_file(ready, proc=relay)
         server = serve(b, 2000, connections=5, mode="echo")
-        finish(
-            a.popen(
-                actions(
-                    "pingpong", "--host", "10.252.0.2", "--port", 2000, "--connections", 5, "--rounds", 10
-                ),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
+        run_json(
+            a, actions("pingpong", "--host", "10.252.0.2", "--port", 2000, "--connections", 5, "--rounds", 10)
         )
         finish(server)
     finally:

@@ -34,32 +34,44 @@
 #define PODNET_ETIMEDOUT 110
 #define PODNET_ECONNREFUSED 111
 
-static __always_inline u64 podnet_read_u64(const void *base, u64 off)
-{
-    u64 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
-    return v;
-}
-
-static __always_inline u32 podnet_read_u32(const void *base, u64 off)
+static __always_inline u32 podnet_probe_u32(const void *base, u64 off)
 {
     u32 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
     return v;
 }
 
+#ifdef PODNET_TP_BTF
+/* BTF-typed programs: `base` is a pointer the verifier knows the type of (a tracepoint
+ * argument or a field loaded from one), so a field is one load instruction, checked
+ * against BTF at load time and fault-safe at run time. */
+#define PODNET_LOAD(type, base, off) (*(const type *)((const char *)(base) + (off)))
+#else
+#define PODNET_LOAD(type, base, off) ({                                   \
+        type __v = 0;                                                     \
+        bpf_probe_read_kernel(&__v, sizeof(__v), (const char *)(base) + (off)); \
+        __v;                                                              \
+    })
+#endif
+
+static __always_inline u64 podnet_read_u64(const void *base, u64 off)
+{
+    return PODNET_LOAD(u64, base, off);
+}
+
+static __always_inline u32 podnet_read_u32(const void *base, u64 off)
+{
+    return PODNET_LOAD(u32, base, off);
+}
+
 static __always_inline u16 podnet_read_u16(const void *base, u64 off)
 {
-    u16 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
-    return v;
+    return PODNET_LOAD(u16, base, off);
 }
 
 static __always_inline const void *podnet_read_ptr(const void *base, u64 off)
 {
-    const void *v = NULL;
-    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
-    return v;
+    return PODNET_LOAD(const void *, base, off);
 }
 
 /* The cgroup v2 id of the socket's owner: sk->sk_cgrp_data.cgroup->kn->id. Taken from the
@@ -88,8 +100,7 @@ static __always_inline int podnet_sk_is_inet_tcp(const void *sk)
  * them would read past the object. */
 static __always_inline int podnet_sk_is_full(const void *sk)
 {
-    u8 state = 0;
-    bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + PODNET_OFF_SKC_STATE);
+    u8 state = PODNET_LOAD(u8, sk, PODNET_OFF_SKC_STATE);
     return state != PODNET_TCP_TIME_WAIT && state != PODNET_TCP_NEW_SYN_RECV;
 }
 

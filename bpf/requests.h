@@ -39,7 +39,7 @@ struct podnet_request_key {
 #define PODNET_PEEK_BYTES 16
 
 #if defined(PODNET_OFF_PT_REGS_SI) && defined(PODNET_OFF_PT_REGS_ORIG_AX) && defined(PODNET_NR_READ) && \
-    !defined(PODNET_NO_PEEK)
+    !defined(PODNET_NO_PEEK) && !defined(PODNET_NO_REQUESTS)
 static long (*podnet_task_pt_regs)(struct task_struct *task) = (void *)BPF_FUNC_task_pt_regs;
 
 /* The first PODNET_PEEK_BYTES of the current read/write/send/recv syscall's buffer. */
@@ -50,7 +50,11 @@ static __always_inline int podnet_peek(u8 *buf)
     u64 nr = 0, arg = 0;
     if (!regs)
         return -1;
-#if PODNET_OFF_PT_REGS_ORIG_AX == PODNET_OFF_PT_REGS_SI + 16
+#if defined(PODNET_TP_BTF)
+    /* The registers are a BTF-typed struct pt_regs: plain loads. */
+    arg = PODNET_LOAD(u64, regs, PODNET_OFF_PT_REGS_SI);
+    nr = PODNET_LOAD(u64, regs, PODNET_OFF_PT_REGS_ORIG_AX);
+#elif PODNET_OFF_PT_REGS_ORIG_AX == PODNET_OFF_PT_REGS_SI + 16
     /* x86-64: si, di, orig_ax are adjacent; one read instead of two. */
     u64 r[3] = {};
     bpf_probe_read_kernel(r, sizeof(r), regs + PODNET_OFF_PT_REGS_SI);

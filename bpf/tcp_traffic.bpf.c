@@ -1,25 +1,30 @@
 /* The hot path: TCP payload bytes per (owner, peer), smoothed RTT and requests per owner.
  *
- * Raw tracepoints:
+ * Hooks (the socket layer's own tracepoints):
  *   sock:sock_send_length, sock:sock_recv_length (struct sock *sk, int ret, int flags):
  *     ret is what the application handed to / took from the socket; the socket's smoothed
  *     RTT is sampled here too, at most once per PODNET_RTT_SAMPLE_NS per socket;
  *   tcp:tcp_destroy_sock (struct sock *sk) and sock:inet_sock_set_state (sk, old, new):
- *     forget a socket's cached identity when it dies or disconnects.
+ *     forget a socket's state when it dies or connects again.
  *
- * Reading a field through bpf_probe_read_kernel() costs ~35 ns here, and naming a socket's
- * owner takes five reads; so each TCP socket's (owner cgroup, peer) is resolved once and
- * kept in an LRU cache keyed by the socket's address. A cache hit is one hash lookup. An
- * entry is dropped when its socket is destroyed or disconnected, so a recycled address
- * never inherits a dead socket's identity; LRU eviction of a live entry only costs a
- * re-resolve. Per-pod byte totals are the sum of the pod's flows, so each event updates
- * one counter.
+ * Built two ways from this one source:
+ *   -DPODNET_TP_BTF (preferred): BTF-typed tracepoint programs. The verifier knows `sk` is a
+ *     struct sock, so fields are plain loads, and each socket's state lives in the socket's
+ *     own local storage (freed by the kernel with the socket).
+ *   otherwise: raw tracepoints. Fields are read with bpf_probe_read_kernel (~35 ns each
+ *     here) and each socket's state sits in an LRU hash keyed by the socket's address,
+ *     dropped when its socket is destroyed or connects again, so a recycled address never
+ *     inherits a dead socket's state; LRU eviction of a live entry only costs a re-resolve.
+ * Either way a socket's (owner cgroup, peer) is resolved once. Per-pod byte totals are the
+ * sum of the pod's flows, so each event updates one counter.
  *
- * Requests: on each connection a request is a turn of the conversation. On a server
- * socket, data received while idle starts a request and the first data sent back ends it;
- * on a client socket, the mirror image. At those two moments only, the first bytes of the
- * syscall's user buffer are read (found through the task's saved syscall registers) to
- * recognise HTTP/1.x methods and status lines; nothing is hooked on other syscalls.
+ * Requests (unless -DPODNET_NO_REQUESTS): on each connection a request is a turn of the
+ * conversation. On a server socket, data received while idle starts a request and the
+ * first data sent back ends it; on a client socket, the mirror image. At those two moments
+ * only, the first bytes of the syscall's user buffer are read (found through the task's
+ * saved syscall registers) to recognise HTTP/1.x methods and status lines; nothing is
+ * hooked on other syscalls. The clock is read only when requests are tracked: here it
+ * costs as much as the rest of an event.
  */
 #include "podnet.h"
 #include "requests.h"
@@ -54,8 +59,19 @@ struct tcp_sock_info {
 
 #define PODNET_MAPID_REQUEST_HIST 2
 #define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
+#define PODNET_MAPID_TCP_SOCK_STATE 4
 
+#ifdef PODNET_TP_BTF
+#define PODNET_HOOK(fn) int fn(u64 *ctx)
+#define PODNET_ARG(i) (ctx[i])
+/* Socket-local storage: found from the socket itself, no hashing, no size limit to tune. */
+BPF_SK_STORAGE(tcp_sock_state, struct tcp_sock_info);
+#else
+#define PODNET_HOOK(fn) int fn(struct bpf_raw_tracepoint_args *ctx)
+#define PODNET_ARG(i) (ctx->args[i])
 BPF_TABLE("lru_hash", u64, struct tcp_sock_info, tcp_sock_identity, PODNET_SOCK_ENTRIES);
+#endif
+
 BPF_F_TABLE("percpu_hash", struct podnet_request_key, struct podnet_hist_val, request_hist, PODNET_HIST_ENTRIES,
             BPF_F_NO_PREALLOC);
 /* Per-CPU so the hot path never bounces a cache line between cores; not preallocated so
@@ -75,22 +91,53 @@ static __always_inline void podnet_count_failure(u32 id)
         (*f)++;
 }
 
-/* The socket's (owner, peer), from the cache or resolved and cached; NULL for sockets
- * that are not inet TCP or whose owner is unknown. */
-static __always_inline struct tcp_sock_info *identity_of(const void *sk)
+#ifdef PODNET_TP_BTF
+static __always_inline struct tcp_sock_info *cached_state(const void *sk)
+{
+    return tcp_sock_state.sk_storage_get((void *)sk, 0, 0);
+}
+
+static __always_inline struct tcp_sock_info *new_state(const void *sk, struct tcp_sock_info *fresh)
+{
+    return tcp_sock_state.sk_storage_get((void *)sk, fresh, BPF_SK_STORAGE_GET_F_CREATE);
+}
+
+static __always_inline void forget_state(const void *sk)
+{
+    tcp_sock_state.sk_storage_delete((void *)sk);
+}
+#else
+static __always_inline struct tcp_sock_info *cached_state(const void *sk)
 {
     u64 skaddr = (u64)sk;
-    struct tcp_sock_info *id = tcp_sock_identity.lookup(&skaddr);
-    if (id)
-        return id;
-    if (!podnet_sk_is_inet_tcp(sk))
-        return NULL;
-    struct tcp_sock_info fresh = {.flow = {.cgroup_id = podnet_sk_cgroup_id(sk)}};
-    if (!fresh.flow.cgroup_id)
-        return NULL;
-    podnet_sk_peer(sk, fresh.flow.peer);
-    tcp_sock_identity.update(&skaddr, &fresh);
     return tcp_sock_identity.lookup(&skaddr);
+}
+
+static __always_inline struct tcp_sock_info *new_state(const void *sk, struct tcp_sock_info *fresh)
+{
+    u64 skaddr = (u64)sk;
+    tcp_sock_identity.update(&skaddr, fresh);
+    return tcp_sock_identity.lookup(&skaddr);
+}
+
+static __always_inline void forget_state(const void *sk)
+{
+    u64 skaddr = (u64)sk;
+    tcp_sock_identity.delete(&skaddr);
+}
+#endif
+
+/* Resolves the socket's (owner, peer) into *fresh; 0 for sockets that are not inet TCP or
+ * whose owner is unknown. */
+static __always_inline int resolve_identity(const void *sk, struct tcp_sock_info *fresh)
+{
+    if (!podnet_sk_is_inet_tcp(sk))
+        return 0;
+    fresh->flow.cgroup_id = podnet_sk_cgroup_id(sk);
+    if (!fresh->flow.cgroup_id)
+        return 0;
+    podnet_sk_peer(sk, fresh->flow.peer);
+    return 1;
 }
 
 static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
@@ -122,7 +169,8 @@ static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, 
  * histogram. */
 static __always_inline void observe_rtt(const void *sk, struct tcp_sock_info *info)
 {
-    u32 srtt8 = podnet_read_u32(sk, PODNET_OFF_TCP_SRTT_US);
+    /* tcp_sock lies beyond struct sock: not a plain load even for tp_btf. */
+    u32 srtt8 = podnet_probe_u32(sk, PODNET_OFF_TCP_SRTT_US);
     if (!srtt8)
         return;
     u64 ns = (u64)srtt8 * 125;
@@ -164,41 +212,19 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
     observe_request(info, ns, status);
 }
 
-static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int sent)
+static __always_inline void count_flow(const struct tcp_flow_key *id, int ret, int sent)
 {
-    const void *sk = (const void *)ctx->args[0];
-    int ret = (int)ctx->args[1];
-    int flags = (int)ctx->args[2];
-
-    if (ret <= 0 || !sk)
-        return 0;
-    /* Peeked bytes are read again by a later recv(): count them once, then. */
-    if (!sent && (flags & PODNET_MSG_PEEK))
-        return 0;
-    struct tcp_sock_info *info = identity_of(sk);
-    if (!info)
-        return 0;
-    u64 now = bpf_ktime_get_ns();
-    track_turn(info, sent, ret, now);
-    /* RTT: one sample of the smoothed RTT per socket and PODNET_RTT_SAMPLE_NS of activity.
-     * Sampling per segment (tcp:tcp_probe) would cost a hook run per packet, ACKs
-     * included, and weigh bulk transfers over everything else. */
-    if (now - info->last_rtt_ns >= PODNET_RTT_SAMPLE_NS) {
-        info->last_rtt_ns = now;
-        observe_rtt(sk, info);
-    }
-    struct tcp_flow_key *id = &info->flow;
-    struct tcp_bytes *v = tcp_flow_bytes.lookup(id);
+    struct tcp_bytes *v = tcp_flow_bytes.lookup((void *)id);
     if (v) {
         add_bytes(v, ret, sent);
-        return 0;
+        return;
     }
     struct tcp_bytes init = {};
     add_bytes(&init, ret, sent);
     /* BPF_ANY on a per-CPU map writes only this CPU's slot: a concurrent insert from
      * another CPU cannot overwrite our count. */
-    if (!tcp_flow_bytes.update(id, &init))
-        return 0;
+    if (!tcp_flow_bytes.update((void *)id, &init))
+        return;
     podnet_count_failure(PODNET_MAPID_TCP_FLOW_BYTES);
     u64 cgroup_id = id->cgroup_id;
     v = tcp_flow_overflow.lookup(&cgroup_id);
@@ -206,44 +232,93 @@ static __always_inline int count_bytes(struct bpf_raw_tracepoint_args *ctx, int 
         add_bytes(v, ret, sent);
     else if (tcp_flow_overflow.update(&cgroup_id, &init))
         podnet_count_failure(PODNET_MAPID_TCP_FLOW_OVERFLOW);
+}
+
+static __always_inline int count_bytes(const void *sk, int ret, int flags, int sent)
+{
+    if (ret <= 0 || !sk)
+        return 0;
+    /* Peeked bytes are read again by a later recv(): count them once, then. */
+    if (!sent && (flags & PODNET_MSG_PEEK))
+        return 0;
+    struct tcp_sock_info *info = cached_state(sk);
+    if (!info) {
+        struct tcp_sock_info fresh = {};
+        if (!resolve_identity(sk, &fresh))
+            return 0;
+        info = new_state(sk, &fresh);
+        if (!info) {
+            /* No room for the socket's state: its bytes still count, its requests and
+             * RTT do not. */
+            podnet_count_failure(PODNET_MAPID_TCP_SOCK_STATE);
+            count_flow(&fresh.flow, ret, sent);
+            return 0;
+        }
+    }
+    /* RTT: one sample of the smoothed RTT per socket and PODNET_RTT_SAMPLE_NS of activity.
+     * Sampling per segment (tcp:tcp_probe) would cost a hook run per packet, ACKs
+     * included, and weigh bulk transfers over everything else. */
+#ifndef PODNET_NO_REQUESTS
+    u64 now = bpf_ktime_get_ns();
+    track_turn(info, sent, ret, now);
+    if (now - info->last_rtt_ns >= PODNET_RTT_SAMPLE_NS) {
+#else
+    /* Without requests nothing else needs the clock: space the samples by the tick
+     * instead, which costs a load, not a clock read. */
+    u64 now = bpf_jiffies64();
+    if (now != info->last_rtt_ns) {
+#endif
+        info->last_rtt_ns = now;
+        observe_rtt(sk, info);
+    }
+    count_flow(&info->flow, ret, sent);
     return 0;
 }
 
-int on_sock_send_length(struct bpf_raw_tracepoint_args *ctx)
+PODNET_HOOK(on_sock_send_length)
 {
-    return count_bytes(ctx, 1);
+    return count_bytes((const void *)PODNET_ARG(0), (int)PODNET_ARG(1), (int)PODNET_ARG(2), 1);
 }
 
-int on_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
+PODNET_HOOK(on_sock_recv_length)
 {
-    return count_bytes(ctx, 0);
+    return count_bytes((const void *)PODNET_ARG(0), (int)PODNET_ARG(1), (int)PODNET_ARG(2), 0);
 }
 
-int on_tcp_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
+PODNET_HOOK(on_tcp_destroy_sock)
 {
-    u64 skaddr = ctx->args[0];
-    tcp_sock_identity.delete(&skaddr);
+    forget_state((const void *)PODNET_ARG(0));
     return 0;
 }
 
-/* Learn each connection's role when it is established; forget a disconnected socket
- * (connect(AF_UNSPEC)), which may connect again to another peer. */
-int on_traffic_sock_state(struct bpf_raw_tracepoint_args *ctx)
+/* Learn each connection's role when it is established; forget what a socket knew when
+ * it connects (again): after connect(AF_UNSPEC) a socket may connect to another peer.
+ * Not on the way to CLOSE: a reply that arrived with the peer's FIN is read after the
+ * socket closed, and still ends its request. */
+PODNET_HOOK(on_traffic_sock_state)
 {
-    const void *sk = (const void *)ctx->args[0];
-    int oldstate = (int)ctx->args[1];
-    int newstate = (int)ctx->args[2];
-    u64 skaddr = (u64)sk;
-    if (newstate == PODNET_TCP_CLOSE) {
-        tcp_sock_identity.delete(&skaddr);
+    const void *sk = (const void *)PODNET_ARG(0);
+    int oldstate = (int)PODNET_ARG(1);
+    int newstate = (int)PODNET_ARG(2);
+    if (!sk)
+        return 0;
+    if (newstate == PODNET_TCP_SYN_SENT) {
+        forget_state(sk);
         return 0;
     }
-    if (newstate != PODNET_TCP_ESTABLISHED || !sk)
+    if (newstate != PODNET_TCP_ESTABLISHED)
         return 0;
     if (oldstate != PODNET_TCP_SYN_SENT && oldstate != PODNET_TCP_SYN_RECV)
         return 0;
-    struct tcp_sock_info *info = identity_of(sk);
-    if (info)
-        info->role = oldstate == PODNET_TCP_SYN_SENT ? PODNET_ROLE_CLIENT : PODNET_ROLE_SERVER;
+    struct tcp_sock_info *info = cached_state(sk);
+    if (!info) {
+        struct tcp_sock_info fresh = {};
+        if (!resolve_identity(sk, &fresh))
+            return 0;
+        info = new_state(sk, &fresh);
+        if (!info)
+            return 0;
+    }
+    info->role = oldstate == PODNET_TCP_SYN_SENT ? PODNET_ROLE_CLIENT : PODNET_ROLE_SERVER;
     return 0;
 }

@@ -62,6 +62,7 @@ class SockInfo(ct.Structure):
         ("method", ct.c_uint8),
         ("not_http", ct.c_uint8),
         ("pad", ct.c_uint8 * 4),
+        ("last_rtt_ns", ct.c_uint64),
     ]
 
 
@@ -117,6 +118,7 @@ MAP_IDS: dict[str, tuple[str, ...]] = {
         "tcp_rtt_hist",
         "request_hist",
         "tcp_flow_overflow",
+        "tcp_sock_state",
     ),
     "tcp_state": (
         "tcp_conn_by_cgroup",

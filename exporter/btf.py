@@ -263,6 +263,11 @@ class Btf:
         kind, bare = _split_tagged_name(name, default=Kind.STRUCT)
         return self._lookup(bare, kind) is not None
 
+    def tracepoint_type_id(self, tracepoint: str) -> int | None:
+        """Id of the tracepoint's `btf_trace_<name>` typedef: what a BTF-typed tracepoint
+        program (tp_btf) names as its attach target."""
+        return self._lookup(f"btf_trace_{tracepoint}", Kind.TYPEDEF)
+
     def raw_tracepoint_args(self, tracepoint: str) -> list[str] | None:
         typedef = self._lookup(f"btf_trace_{tracepoint}", Kind.TYPEDEF)
         if typedef is None:

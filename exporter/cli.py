@@ -16,7 +16,15 @@ from exporter.cgroups import CgroupError
 from exporter.config import ConfigError, parse_args, resolve
 from exporter.offsets import resolve_offsets
 from exporter.pods import PodsFileError
-from exporter.programs import BPF_DIR, PROGRAMS, MapSizes, ProgramLoadError, check_hook, program_cflags
+from exporter.programs import (
+    BPF_DIR,
+    PROGRAMS,
+    MapSizes,
+    ProgramLoadError,
+    check_hook,
+    program_cflags,
+    variants,
+)
 from exporter.service import ServeError, serve
 
 _PROG = "podnet-exporter"
@@ -42,8 +50,10 @@ def bpf_source(preprocessed: bool, out: Sequence[str] | None = None) -> int:
         print(f"// {macro} unresolved: {why}")
     for spec in PROGRAMS:
         nargs = {h.tracepoint: check_hook(btf, h)[1] for h in spec.hooks}
-        flags = program_cflags(spec, offsets, MapSizes(), nargs)
+        flags = program_cflags(spec, offsets, MapSizes(), nargs) + list(variants(spec)[0].cflags)
         print(f"\n// ===== {spec.source} =====\n// cflags: {' '.join(flags)}")
+        others = [" ".join(v.cflags) or "(none)" for v in variants(spec)[1:]]
+        print(f"// fallback builds, in order, add instead: {'; '.join(others)}")
         if preprocessed:
             from bcc import BPF, DEBUG_PREPROCESSOR
 

@@ -76,6 +76,7 @@ _TOP_KEYS: Final = (
     "max_series",
     "map_entries",
     "histogram_scale",
+    "no_requests",
     "cluster_name",
     "kube_api",
     "kube_token_file",
@@ -160,6 +161,9 @@ class Config:
     config_file: str | None
     kube: KubeConfig | None = None
     """The Kubernetes API pod metadata source; None when pods come from --pods-file or nowhere."""
+    no_requests: bool = False
+    """Build the hot path without request tracking: no clock read and no payload peek per
+    send/recv, and no podnet_request* metrics."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--histogram-scale",
         "{0,1,2}",
         f"latency histogram resolution (default {_DEFAULT_HISTOGRAM_SCALE})",
+    )
+    run.add_argument(
+        "--no-requests",
+        action="store_true",
+        default=None,
+        help="do not track requests (podnet_requests_total, podnet_request_duration_seconds): "
+        "the cheapest data path [env PODNET_NO_REQUESTS=true]",
     )
     _add(run, "--cluster-name", "NAME", "cluster name to attach to metrics (default: none)")
     _add(run, "--otlp-endpoint", "URL", "push metrics over OTLP to this URL (default: OTLP off)")
@@ -752,6 +763,7 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         otlp=_otlp(sources, environ),
         config_file=config_file,
         kube=_kube(sources, environ),
+        no_requests=_parsed(sources.get("no_requests"), _boolean, False),
     )
 
 

@@ -1,4 +1,10 @@
-"""Compile bpf/*.bpf.c with BCC and attach each program to its raw tracepoint.
+"""Compile bpf/*.bpf.c with BCC and attach each program to its tracepoint.
+
+The hot-path program (tcp_traffic) is loaded as a BTF-typed tracepoint program (tp_btf,
+exporter/bpf_syscall.py) where the kernel allows it: plain loads instead of
+bpf_probe_read_kernel and socket-local storage instead of a socket-keyed hash map. On
+kernels without tp_btf the same source is built for raw tracepoints (-DPODNET_TP_BTF
+absent). The other programs run once per connection event and use raw tracepoints.
 
 Each hook is checked against the running kernel before anything is compiled: the
 tracepoint must exist with the arguments the C code reads, and the struct fields the
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.bpf_structs import MAP_TYPES
+from exporter.bpf_syscall import BpfSyscallError, attach_tp_btf, load_tp_btf
 from exporter.btf import Btf
 from exporter.offsets import Offsets
 
@@ -55,6 +62,8 @@ class ProgramSpec:
     fields: tuple[str, ...]
     """EXTRA_FIELDS macros this program reads beyond bpf/podnet.h's."""
     metrics: tuple[str, ...]
+    btf_typed: bool = False
+    """Built with -DPODNET_TP_BTF and loaded as tp_btf programs where the kernel can."""
 
     @property
     def source(self) -> Path:
@@ -80,6 +89,7 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
             "podnet_flow_bytes_total",
             "podnet_tcp_rtt_seconds",
         ),
+        btf_typed=True,
     ),
     ProgramSpec(
         "tcp_state",
@@ -104,6 +114,22 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
         ("podnet_tcp_retransmits_total", "podnet_tcp_resets_total"),
     ),
 )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to build and attach a program; tried in order until every hook attaches."""
+
+    cflags: tuple[str, ...]
+    tp_btf: bool = False
+
+
+def variants(spec: ProgramSpec, requests: bool = True) -> list[Variant]:
+    # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the program
+    # then loads without HTTP recognition instead of not at all.
+    peek: list[tuple[str, ...]] = [(), ("-DPODNET_NO_PEEK",)] if requests else [("-DPODNET_NO_REQUESTS",)]
+    out = [Variant(("-DPODNET_TP_BTF", *p), tp_btf=True) for p in peek] if spec.btf_typed else []
+    return out + [Variant(p) for p in peek]
 
 
 @dataclass(frozen=True)
@@ -135,6 +161,8 @@ class LoadedPrograms:
 
     objects: dict[str, Any] = field(default_factory=dict)
     hooks: list[HookStatus] = field(default_factory=list)
+    tp_btf: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """hook label -> (program fd, link fd) of hooks attached as tp_btf programs."""
 
     def table(self, program: str, name: str) -> Any | None:
         obj = self.objects.get(program)
@@ -150,6 +178,9 @@ class LoadedPrograms:
         """hook label -> fd of the attached program, for run-time statistics."""
         out: dict[str, int] = {}
         for h in self.hooks:
+            if h.attached and h.hook.label in self.tp_btf:
+                out[h.hook.label] = self.tp_btf[h.hook.label][0]
+                continue
             obj = self.objects.get(h.program)
             fn = obj.funcs.get(h.hook.function.encode()) if h.attached and obj is not None else None
             if fn is not None:
@@ -159,8 +190,15 @@ class LoadedPrograms:
     def attached(self, program: str) -> bool:
         return any(h.attached for h in self.hooks if h.program == program)
 
+    def close_tp_btf(self, labels: Sequence[str]) -> None:
+        for label in labels:
+            for fd in reversed(self.tp_btf.pop(label, ())):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def close(self) -> None:
         """Detach everything; the kernel frees programs and maps with their last fd."""
+        self.close_tp_btf(list(self.tp_btf))
         for obj in self.objects.values():
             with contextlib.suppress(Exception):
                 obj.cleanup()
@@ -245,12 +283,27 @@ def _headers_hint() -> str:
     return ""
 
 
+def _attach_tp_btf(loaded: LoadedPrograms, btf: Btf, obj: Any, st: HookStatus) -> None:
+    type_id = btf.tracepoint_type_id(st.hook.tracepoint)
+    if type_id is None:
+        raise BpfSyscallError(f"kernel has no tracepoint {st.hook.tracepoint}")
+    prog_fd = load_tp_btf(obj, st.hook.function, type_id)
+    try:
+        link_fd = attach_tp_btf(prog_fd)
+    except BpfSyscallError:
+        os.close(prog_fd)
+        raise
+    loaded.tp_btf[st.hook.label] = (prog_fd, link_fd)
+
+
 def _compile_and_attach(
     loaded: LoadedPrograms,
+    btf: Btf,
     spec: ProgramSpec,
     statuses: list[HookStatus],
     usable: list[HookStatus],
     cflags: list[str],
+    variant: Variant,
     debug: int,
     bpf_class: Any,
     last: bool,
@@ -268,14 +321,20 @@ def _compile_and_attach(
     loaded.objects[spec.name] = obj
     for st in usable:
         try:
-            with _captured_stderr():
-                obj.attach_raw_tracepoint(tp=st.hook.tracepoint.encode(), fn_name=st.hook.function.encode())
+            if variant.tp_btf:
+                _attach_tp_btf(loaded, btf, obj, st)
+            else:
+                tp, fn = st.hook.tracepoint.encode(), st.hook.function.encode()
+                with _captured_stderr():
+                    obj.attach_raw_tracepoint(tp=tp, fn_name=fn)
             st.attached = True
         except Exception as e:
-            st.reason = f"attach to raw tracepoint {st.hook.tracepoint} failed: {e}"
+            kind = "tp_btf" if variant.tp_btf else "raw tracepoint"
+            st.reason = f"attach to {kind} {st.hook.tracepoint} failed: {e}"
     failed = [st for st in usable if st.hook.required and not st.attached]
     if all(st.attached for st in usable) or (last and not failed):
         return True
+    loaded.close_tp_btf([st.hook.label for st in usable])
     obj.cleanup()
     del loaded.objects[spec.name]
     for st in statuses:
@@ -291,7 +350,11 @@ def load_programs(
     sizes: MapSizes,
     specs: Sequence[ProgramSpec] = PROGRAMS,
     debug: int = 0,
+    requests: bool = True,
+    tp_btf: bool = True,
 ) -> LoadedPrograms:
+    """`requests=False` builds the hot path without request tracking (no clock read, no
+    payload peek per event); `tp_btf=False` forces the raw-tracepoint build."""
     from bcc import BPF  # imported late: `doctor` must work where BCC is missing
 
     loaded = LoadedPrograms()
@@ -318,14 +381,13 @@ def load_programs(
         if not usable:
             continue
         base = program_cflags(spec, offsets, sizes, nargs)
-        # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the
-        # program then loads without HTTP recognition instead of not at all.
-        variants: list[list[str]] = [[], ["-DPODNET_NO_PEEK"]]
-        for i, variant in enumerate(variants):
+        tries = [v for v in variants(spec, requests) if tp_btf or not v.tp_btf]
+        for i, variant in enumerate(tries):
             for st in usable:
                 st.reason, st.attached = "", False
-            last = i == len(variants) - 1
-            if _compile_and_attach(loaded, spec, statuses, usable, base + variant, debug, BPF, last):
+            last = i == len(tries) - 1
+            flags = base + list(variant.cflags)
+            if _compile_and_attach(loaded, btf, spec, statuses, usable, flags, variant, debug, BPF, last):
                 break
     for st in loaded.hooks:
         if not st.attached:

@@ -3,6 +3,8 @@ per-socket state freed, bpf_stats. Real programs on the real kernel."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import socket
 import subprocess
@@ -15,11 +17,15 @@ from pathlib import Path
 import pytest
 from podsim import SimCluster, traffic_argv, wait_for_file
 
+from exporter.bpf_structs import ROLES, SockInfo
 from exporter.bpfstats import prog_run_stats
 from exporter.btf import Btf
 from exporter.maps import MapReader
 from exporter.offsets import resolve_offsets
 from exporter.programs import LoadedPrograms, MapSizes, load_programs
+
+V4_LOOPBACK = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
+ROLE_SERVER, ROLE_CLIENT = ROLES.index("server"), ROLES.index("client")
 
 
 class HidingBtf:
@@ -32,6 +38,9 @@ class HidingBtf:
     def raw_tracepoint_args(self, tracepoint: str) -> list[str] | None:
         return None if tracepoint in self._hidden else self._real.raw_tracepoint_args(tracepoint)
 
+    def tracepoint_type_id(self, tracepoint: str) -> int | None:
+        return None if tracepoint in self._hidden else self._real.tracepoint_type_id(tracepoint)
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
@@ -41,10 +50,32 @@ def btf() -> Btf:
     return Btf.load()
 
 
-def load(btf: Btf, hidden: frozenset[str] = frozenset(), sizes: MapSizes | None = None) -> LoadedPrograms:
+# How the hot path can be built: BTF-typed tracepoints (preferred), raw tracepoints (kernels
+# without tp_btf), and either without request tracking.
+BUILDS = {
+    "tp_btf": {},
+    "raw": {"tp_btf": False},
+    "tp_btf-no-requests": {"requests": False},
+    "raw-no-requests": {"tp_btf": False, "requests": False},
+}
+
+
+def load(
+    btf: Btf, hidden: frozenset[str] = frozenset(), sizes: MapSizes | None = None, build: str = "tp_btf"
+) -> LoadedPrograms:
     b = HidingBtf(btf, set(hidden)) if hidden else btf
     sizes = sizes or MapSizes(4096)
-    return load_programs(b, resolve_offsets(btf), sizes)  # type: ignore[arg-type]
+    progs = load_programs(b, resolve_offsets(btf), sizes, **BUILDS[build])  # type: ignore[arg-type]
+    hot = {h.hook.label for h in progs.hooks if h.program == "tcp_traffic" and h.attached}
+    # The build asked for is the build loaded: no silent fallback.
+    assert (hot <= set(progs.tp_btf)) == build.startswith("tp_btf"), (hot, progs.tp_btf)
+    return progs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def loopback_exchange(connections: int, send: int, reply: int) -> None:
@@ -146,6 +177,25 @@ def host_exchange(cluster: SimCluster, name: str, port: int, hosts: list[str], s
     return cg_id
 
 
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_build_counts_bytes_and_requests_exactly(btf: Btf, cluster: SimCluster, build: str) -> None:
+    progs = load(btf, build=build)
+    try:
+        port = free_port()
+        cg_id = host_exchange(cluster, f"build-{build}", port, ["127.0.0.1"] * 6, 300, 40)
+        raw = MapReader(progs).read()
+        assert raw.cgroups[cg_id].sent == 6 * (300 + 40)
+        assert raw.cgroups[cg_id].received == 6 * (300 + 40)
+        assert raw.flows[(cg_id, V4_LOOPBACK)] == (6 * 340, 6 * 340)
+        counts: dict[int, int] = {}
+        for labels, slots in raw.requests.get(cg_id, {}).items():
+            counts[labels[0]] = counts.get(labels[0], 0) + sum(n for n, _ in slots.values())
+        # One request per connection, seen by the server and by the client.
+        assert counts == ({} if build.endswith("no-requests") else {ROLE_SERVER: 6, ROLE_CLIENT: 6})
+    finally:
+        progs.close()
+
+
 def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimCluster) -> None:
     # A flow map of 8 entries and 11 peers: the overflow is counted, the owner's totals stay
     # exact through its catch-all flow.
@@ -162,23 +212,27 @@ def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimClust
         progs.close()
 
 
-def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster) -> None:
-    progs = load(btf)
+@pytest.mark.parametrize("build", ["tp_btf", "raw"])
+def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster, build: str) -> None:
+    progs = load(btf, build=build)
     try:
-        cg_id = host_exchange(cluster, "sockets", 47300, ["127.0.0.1"] * 20, 100, 10)
+        port = free_port()
+        cg_id = host_exchange(cluster, f"sockets-{build}", port, ["127.0.0.1"] * 20, 100, 10)
         raw = MapReader(progs).read()
         assert raw.cgroups[cg_id].opened == [20, 20]
         # Every connection closed: nothing of this cgroup is still pending, open or cached.
+        # (The tp_btf build keeps socket state in socket-local storage, which the kernel
+        # frees with the socket; test_socket_state_is_dropped_on_disconnect covers it.)
         pending = progs.table("tcp_state", "tcp_connects_pending")
         opened = progs.table("tcp_state", "tcp_socks_open")
-        cached = progs.table("tcp_traffic", "tcp_sock_identity")
-        assert pending is not None and opened is not None and cached is not None
+        cached = progs.table("tcp_traffic", "tcp_sock_identity") if build == "raw" else None
+        assert pending is not None and opened is not None
 
         def leftovers() -> list[object]:
             return (
                 [v for v in pending.values() if v.cgroup_id == cg_id]
                 + [v for v in opened.values() if v.cgroup_id == cg_id]
-                + [v for v in cached.values() if v.flow.cgroup_id == cg_id]
+                + [v for v in (cached.values() if cached is not None else []) if v.flow.cgroup_id == cg_id]
             )
 
         # The last FIN/ACK exchange may still be on its way when the processes exit.
@@ -189,6 +243,57 @@ def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster) -> None:
         assert MapReader(progs).read().cgroups[cg_id].active == [0, 0]
     finally:
         progs.close()
+
+
+def _sock_state(progs: LoadedPrograms, sock: socket.socket) -> SockInfo | None:
+    """The tp_btf build's state of `sock`: socket-local storage is looked up by socket fd."""
+    from bcc import lib
+
+    fd = lib.bpf_table_fd(progs.objects["tcp_traffic"].module, b"tcp_sock_state")
+    assert fd >= 0
+    key, value = ctypes.c_int(sock.fileno()), SockInfo()
+    if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) != 0:
+        assert ctypes.get_errno() == errno.ENOENT
+        return None
+    return value
+
+
+def test_socket_state_follows_a_reconnect(btf: Btf) -> None:
+    """A socket disconnected (connect(AF_UNSPEC)) and connected to another peer counts
+    towards the new peer: its state is forgotten when it connects again."""
+    progs = load(btf)
+    first, second = socket.socket(), socket.socket()
+    first.bind(("127.0.0.1", 0))
+    second.bind(("127.0.0.2", 0))
+    first.listen()
+    second.listen()
+    c = socket.create_connection(first.getsockname())
+    peers = [first.accept()[0]]
+    try:
+        c.sendall(b"x" * 10)
+        assert peers[0].recv(10) == b"x" * 10
+        state = _sock_state(progs, c)
+        assert state is not None and state.role == ROLE_CLIENT
+        assert bytes(state.flow.peer) == V4_LOOPBACK
+        _disconnect(c)
+        c.connect(second.getsockname())
+        peers.append(second.accept()[0])
+        c.sendall(b"y" * 10)
+        assert peers[1].recv(10) == b"y" * 10
+        state = _sock_state(progs, c)
+        assert state is not None and state.role == ROLE_CLIENT
+        assert bytes(state.flow.peer) == bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 2])
+    finally:
+        for s in (c, *peers, first, second):
+            s.close()
+        progs.close()
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """connect(AF_UNSPEC): Python's socket module cannot express it; libc can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    unspec = (ctypes.c_ubyte * 16)()  # sa_family = AF_UNSPEC (0)
+    assert libc.connect(sock.fileno(), unspec, 16) == 0, os.strerror(ctypes.get_errno())
 
 
 @pytest.fixture

@@ -915,3 +915,27 @@ def test_resolve_returns_config_or_raises_config_error(
         assert isinstance(config, Config)
         assert 1 <= config.listen_port <= 65535
         assert 0 < config.poll_interval <= 3600
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "file", "expected"),
+    [
+        ((), {}, None, False),
+        (("--no-requests",), {}, None, True),
+        ((), {"PODNET_NO_REQUESTS": "true"}, None, True),
+        ((), {"PODNET_NO_REQUESTS": "no"}, None, False),
+        ((), {}, "no_requests: true\n", True),
+        (("--no-requests",), {"PODNET_NO_REQUESTS": "false"}, None, True),
+    ],
+)
+def test_no_requests_sources(
+    write_config: WriteConfig, argv: tuple[str, ...], env: dict[str, str], file: str | None, expected: bool
+) -> None:
+    extra = ("--config", str(write_config(file))) if file else ()
+    assert run(*argv, *extra, env=env).no_requests is expected
+
+
+def test_bad_no_requests_is_one_line() -> None:
+    message = error_of(env={"PODNET_NO_REQUESTS": "maybe"})
+    assert_one_line(message)
+    assert "PODNET_NO_REQUESTS" in message and "true or false" in message

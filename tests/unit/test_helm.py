@@ -442,6 +442,11 @@ def test_default_config_is_accepted_by_the_exporter(chart: helm.Chart, tmp_path:
     assert cfg.node_name == "node-a"
     assert cfg.cluster_name == "" and cfg.otlp is None
     assert cfg.pods_file is None  # the Kubernetes API, not a file
+    assert cfg.no_requests is False
+
+
+def test_requests_can_be_switched_off(chart: helm.Chart, tmp_path: Path) -> None:
+    assert resolved(render(chart, {"config": {"requests": False}}), tmp_path).no_requests is True
 
 
 def test_settings_reach_the_exporter(chart: helm.Chart, tmp_path: Path) -> None:

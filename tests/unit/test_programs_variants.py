@@ -1,0 +1,29 @@
+"""Which builds of each eBPF program the loader tries, in which order (exporter.programs.variants)."""
+
+from __future__ import annotations
+
+from exporter.programs import PROGRAMS, Variant, variants
+
+TRAFFIC = next(p for p in PROGRAMS if p.name == "tcp_traffic")
+STATE = next(p for p in PROGRAMS if p.name == "tcp_state")
+
+
+def test_hot_path_prefers_tp_btf_then_falls_back_to_raw_tracepoints() -> None:
+    assert variants(TRAFFIC) == [
+        Variant(("-DPODNET_TP_BTF",), tp_btf=True),
+        Variant(("-DPODNET_TP_BTF", "-DPODNET_NO_PEEK"), tp_btf=True),
+        Variant(()),
+        Variant(("-DPODNET_NO_PEEK",)),
+    ]
+
+
+def test_without_requests_nothing_peeks() -> None:
+    assert variants(TRAFFIC, requests=False) == [
+        Variant(("-DPODNET_TP_BTF", "-DPODNET_NO_REQUESTS"), tp_btf=True),
+        Variant(("-DPODNET_NO_REQUESTS",)),
+    ]
+
+
+def test_only_the_hot_path_is_btf_typed() -> None:
+    assert [p.name for p in PROGRAMS if p.btf_typed] == ["tcp_traffic"]
+    assert all(not v.tp_btf for v in variants(STATE))

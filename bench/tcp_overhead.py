@@ -5,6 +5,14 @@ same machine). Reports the median of per-pair ratios and each program's ns per e
 from the kernel's bpf_stats.
 
     .venv/bin/python bench/tcp_overhead.py [--pairs N] [--seconds S] [--json OUT]
+        [--configs full,no-requests,floor]
+
+Configurations ("with" side of each pair):
+  full         podnet-exporter run, default settings (requests tracked);
+  no-requests  podnet-exporter run --no-requests (the TCP data plane alone);
+  floor        no exporter: empty programs on the hot path's two tracepoints
+               (bench/empty.bpf.c, loaded as podnet loads its own): the cost of the hooks
+               themselves, which no program body can go below.
 
 Workloads:
   pingpong  1-byte request/response over loopback on 4 connections (C, bench/pingpong.c):
@@ -29,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +49,7 @@ def free_port() -> int:
 
 
 class Exporter:
-    def __init__(self, poll: float) -> None:
+    def __init__(self, poll: float, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
@@ -52,6 +61,7 @@ class Exporter:
                 f"127.0.0.1:{self.port}",
                 "--poll-interval",
                 str(poll),
+                *extra,
             ],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
@@ -144,14 +154,63 @@ def wrk_workload(port: int, seconds: float) -> Callable[[], float]:
     return run
 
 
-def alternate(workload: Callable[[], float], pairs: int, poll: float) -> dict[str, object]:
+class EmptyPrograms:
+    """The floor: empty tp_btf programs on the hot path's tracepoints, attached per run."""
+
+    HOOKS = ("sock_send_length", "sock_recv_length")
+
+    def __init__(self) -> None:
+        sys.path.insert(0, str(REPO))
+        from bcc import BPF
+
+        from exporter.bpf_syscall import load_tp_btf
+        from exporter.btf import Btf
+
+        btf = Btf.load()
+        self._bpf = BPF(src_file=str(REPO / "bench/empty.bpf.c").encode())
+        self._progs = []
+        for tp in self.HOOKS:
+            type_id = btf.tracepoint_type_id(tp)
+            assert type_id is not None, tp
+            self._progs.append(load_tp_btf(self._bpf, f"on_{tp}", type_id))
+        self._links: list[int] = []
+
+    def attach(self) -> None:
+        from exporter.bpf_syscall import attach_tp_btf
+
+        self._links = [attach_tp_btf(fd) for fd in self._progs]
+
+    def stop(self) -> None:
+        for fd in self._links:
+            os.close(fd)
+        self._links = []
+
+
+CONFIGS: dict[str, tuple[str, ...]] = {"full": (), "no-requests": ("--no-requests",)}
+
+
+def attach(config: str, poll: float, floor: EmptyPrograms | None) -> Exporter | EmptyPrograms:
+    if config == "floor":
+        assert floor is not None
+        floor.attach()
+        return floor
+    return Exporter(poll, CONFIGS[config])
+
+
+def alternate(
+    workload: Callable[[], float],
+    pairs: int,
+    poll: float,
+    config: str = "full",
+    floor: EmptyPrograms | None = None,
+) -> dict[str, object]:
     """Pairs of (without, with), the order flipped every pair so drift cancels."""
     ratios, off, on = [], [], []
     for i in range(pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
         result: dict[bool, float] = {}
         for attached in order:
-            exp = Exporter(poll) if attached else None
+            exp = attach(config, poll, floor) if attached else None
             try:
                 result[attached] = workload()
             finally:
@@ -165,16 +224,23 @@ def alternate(workload: Callable[[], float], pairs: int, poll: float) -> dict[st
             f"ratio {ratios[-1]:.3f}",
             flush=True,
         )
-    return {"median_ratio": statistics.median(ratios), "ratios": ratios, "without": off, "with": on}
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "median_ratio": statistics.median(ratios),
+        "quartiles": [q[0], q[2]],
+        "ratios": ratios,
+        "without": off,
+        "with": on,
+    }
 
 
-def program_costs(workload: Callable[[], float], poll: float) -> dict[str, float]:
+def program_costs(workload: Callable[[], float], poll: float, config: str = "full") -> dict[str, float]:
     """ns per event per program, from bpf_stats (enabled only for this run: it adds its own
     overhead, so it is kept out of the throughput pairs)."""
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     old = stats.read_text().strip()
     stats.write_text("1")
-    exp = Exporter(poll)
+    exp = Exporter(poll, CONFIGS[config])
     try:
         workload()
         time.sleep(poll * 2.5)
@@ -187,6 +253,18 @@ def program_costs(workload: Callable[[], float], poll: float) -> dict[str, float
     return {p: float(seconds[p]) * 1e9 / float(runs[p]) for p in seconds if float(runs.get(p, 0)) > 0}
 
 
+def run_workload(
+    wl: Callable[[], float], a: argparse.Namespace, floor: EmptyPrograms | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for config in a.configs:
+        print(f"  {config}:", flush=True)
+        out[config] = alternate(wl, a.pairs, a.poll, config, floor)
+        if config != "floor":
+            out[f"{config}_ns_per_event"] = program_costs(wl, min(a.poll, 1.0), config)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=7)
@@ -194,7 +272,11 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=5.0)
     ap.add_argument("--json", default="")
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--configs", default="full,no-requests,floor", type=lambda v: v.split(","))
     a = ap.parse_args()
+    unknown = set(a.configs) - {*CONFIGS, "floor"}
+    if unknown:
+        ap.error(f"unknown configuration {sorted(unknown)[0]}; choose from full, no-requests, floor")
     report: dict[str, object] = {
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
@@ -202,10 +284,10 @@ def main() -> int:
         "seconds": a.seconds,
         "poll_interval": a.poll,
     }
+    floor = EmptyPrograms() if "floor" in a.configs else None
     pp = pingpong_workload(build_pingpong(), a.seconds)
     print("pingpong: 1-byte request/response, 4 connections, loopback")
-    report["pingpong"] = alternate(pp, a.pairs, a.poll)
-    report["pingpong_ns_per_event"] = program_costs(pp, min(a.poll, 1.0))
+    report["pingpong"] = run_workload(pp, a, floor)
     if not a.skip_http:
         if shutil.which("nginx") is None or shutil.which("wrk") is None:
             print("http: skipped (apt-get install nginx-light wrk)")
@@ -214,20 +296,24 @@ def main() -> int:
             try:
                 print("http: nginx 1 KiB keep-alive, wrk 2 threads 4 connections")
                 wl = wrk_workload(nginx.port, a.seconds)
-                report["http"] = alternate(wl, a.pairs, a.poll)
-                report["http_ns_per_event"] = program_costs(wl, min(a.poll, 1.0))
+                report["http"] = run_workload(wl, a, floor)
             finally:
                 nginx.stop()
-    summary = {k: v["median_ratio"] for k, v in report.items() if isinstance(v, dict) and "median_ratio" in v}
-    print(
-        json.dumps(
-            {
-                "median_ratio": summary,
-                "ns_per_event": {k: v for k, v in report.items() if k.endswith("ns_per_event")},
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        f"{w}/{c}": v["median_ratio"]
+        for w, per in report.items()
+        if isinstance(per, dict)
+        for c, v in per.items()
+        if isinstance(v, dict) and "median_ratio" in v
+    }
+    costs = {
+        f"{w}/{c}": v
+        for w, per in report.items()
+        if isinstance(per, dict)
+        for c, v in per.items()
+        if c.endswith("ns_per_event")
+    }
+    print(json.dumps({"median_ratio": summary, "ns_per_event": costs}, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0

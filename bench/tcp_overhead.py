@@ -49,6 +49,8 @@ def free_port() -> int:
 
 
 class Exporter:
+    SETTLE = 2.0
+
     def __init__(self, poll: float, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
@@ -72,6 +74,9 @@ class Exporter:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
                     if r.status == 200:
+                        # Steady state, not start-up: the first polls and the release of
+                        # the compiler's memory happen in the first second or two.
+                        time.sleep(self.SETTLE)
                         return
             except OSError:
                 time.sleep(0.1)

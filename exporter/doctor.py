@@ -174,9 +174,12 @@ def check_load(btf: Btf) -> Check:
     except ProgramLoadError as e:
         return Check("compile and attach", False, str(e), "see the checks above")
     attached = sum(h.attached for h in progs.hooks)
+    hot = progs.builds.get("tcp_traffic", "not attached")
     progs.close()
     return Check(
-        "compile and attach", True, f"{attached} of {len(progs.hooks)} programs attached and detached"
+        "compile and attach",
+        True,
+        f"{attached} of {len(progs.hooks)} programs attached and detached; hot path: {hot}",
     )
 
 

@@ -123,6 +123,14 @@ class Variant:
     cflags: tuple[str, ...]
     tp_btf: bool = False
 
+    def describe(self) -> str:
+        parts = ["BTF-typed tracepoints" if self.tp_btf else "raw tracepoints"]
+        if "-DPODNET_NO_REQUESTS" in self.cflags:
+            parts.append("requests off")
+        elif "-DPODNET_NO_PEEK" in self.cflags:
+            parts.append("requests without HTTP recognition")
+        return ", ".join(parts)
+
 
 def variants(spec: ProgramSpec, requests: bool = True) -> list[Variant]:
     # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the program
@@ -163,6 +171,8 @@ class LoadedPrograms:
     hooks: list[HookStatus] = field(default_factory=list)
     tp_btf: dict[str, tuple[int, int]] = field(default_factory=dict)
     """hook label -> (program fd, link fd) of hooks attached as tp_btf programs."""
+    builds: dict[str, str] = field(default_factory=dict)
+    """program -> how it was built and attached (Variant.describe), for logs and doctor."""
 
     def table(self, program: str, name: str) -> Any | None:
         obj = self.objects.get(program)
@@ -333,6 +343,7 @@ def _compile_and_attach(
             st.reason = f"attach to {kind} {st.hook.tracepoint} failed: {e}"
     failed = [st for st in usable if st.hook.required and not st.attached]
     if all(st.attached for st in usable) or (last and not failed):
+        loaded.builds[spec.name] = variant.describe()
         return True
     loaded.close_tp_btf([st.hook.label for st in usable])
     obj.cleanup()

@@ -54,9 +54,10 @@ def build_parts(config: Config) -> PollerParts:
     programs = load_programs(btf, offsets, MapSizes(config.map_entries), requests=not config.no_requests)
     attached = sum(h.attached for h in programs.hooks)
     log.info(
-        "attached %d of %d eBPF programs; cgroup v2 at %s; %d pods known",
+        "attached %d of %d eBPF programs (%s); cgroup v2 at %s; %d pods known",
         attached,
         len(programs.hooks),
+        "; ".join(f"{name}: {how}" for name, how in programs.builds.items()),
         root,
         len(store),
     )

@@ -69,6 +69,9 @@ def load(
     hot = {h.hook.label for h in progs.hooks if h.program == "tcp_traffic" and h.attached}
     # The build asked for is the build loaded: no silent fallback.
     assert (hot <= set(progs.tp_btf)) == build.startswith("tp_btf"), (hot, progs.tp_btf)
+    how = progs.builds["tcp_traffic"]
+    assert how.startswith("BTF-typed" if build.startswith("tp_btf") else "raw"), how
+    assert ("requests off" in how) == build.endswith("no-requests"), how
     return progs
 
 

@@ -27,3 +27,13 @@ def test_without_requests_nothing_peeks() -> None:
 def test_only_the_hot_path_is_btf_typed() -> None:
     assert [p.name for p in PROGRAMS if p.btf_typed] == ["tcp_traffic"]
     assert all(not v.tp_btf for v in variants(STATE))
+
+
+def test_builds_are_described_for_logs_and_doctor() -> None:
+    assert [v.describe() for v in variants(TRAFFIC)] == [
+        "BTF-typed tracepoints",
+        "BTF-typed tracepoints, requests without HTTP recognition",
+        "raw tracepoints",
+        "raw tracepoints, requests without HTTP recognition",
+    ]
+    assert variants(TRAFFIC, requests=False)[0].describe() == "BTF-typed tracepoints, requests off"

@@ -53,19 +53,46 @@ struct tcp_sock_info {
     u8 in_request;
     u8 method;          /* PODNET_HTTP_* of the request in progress, 0 if not HTTP */
     u8 not_http;        /* a request on this connection was not HTTP: stop peeking */
-    u8 pad[4];
+    u8 handed;          /* tp_btf: totals handed over in tcp_sock_final; the iterator skips it */
+    u8 pad[3];
     u64 last_rtt_ns;    /* when this socket last gave an RTT sample */
+    /* tp_btf build: the socket's own byte counters, read by the poller through
+     * iter_tcp_sock_state while the socket lives and handed over in tcp_sock_final, under
+     * `id`, when it dies. The raw build counts into tcp_flow_bytes instead. */
+    u64 id;
+    u64 sent;
+    u64 received;
 };
 
 #define PODNET_MAPID_REQUEST_HIST 2
 #define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
 #define PODNET_MAPID_TCP_SOCK_STATE 4
+#define PODNET_MAPID_TCP_SOCK_FINAL 5
 
 #ifdef PODNET_TP_BTF
 #define PODNET_HOOK(fn) int fn(u64 *ctx)
 #define PODNET_ARG(i) (ctx[i])
 /* Socket-local storage: found from the socket itself, no hashing, no size limit to tune. */
 BPF_SK_STORAGE(tcp_sock_state, struct tcp_sock_info);
+
+/* A dead socket's totals, until the poller takes them (lookup-and-delete): a socket's
+ * bytes are in exactly one of its storage and this map, and the id tells the poller when
+ * it read both in one pass. */
+struct tcp_sock_final {
+    struct tcp_flow_key flow;
+    u64 sent;
+    u64 received;
+};
+BPF_F_TABLE("hash", u64, struct tcp_sock_final, tcp_sock_final, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_ARRAY(tcp_sock_ids, u64, 1);
+
+/* What iter_tcp_sock_state writes per live socket; mirrored in exporter/bpf_structs.py. */
+struct tcp_sock_record {
+    u64 id;
+    struct tcp_flow_key flow;
+    u64 sent;
+    u64 received;
+};
 #else
 #define PODNET_HOOK(fn) int fn(struct bpf_raw_tracepoint_args *ctx)
 #define PODNET_ARG(i) (ctx->args[i])
@@ -91,6 +118,36 @@ static __always_inline void podnet_count_failure(u32 id)
         (*f)++;
 }
 
+static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
+{
+    if (sent)
+        v->sent += n;
+    else
+        v->received += n;
+}
+
+static __always_inline void count_flow(const struct tcp_flow_key *id, u64 n, int sent)
+{
+    struct tcp_bytes *v = tcp_flow_bytes.lookup((void *)id);
+    if (v) {
+        add_bytes(v, n, sent);
+        return;
+    }
+    struct tcp_bytes init = {};
+    add_bytes(&init, n, sent);
+    /* BPF_ANY on a per-CPU map writes only this CPU's slot: a concurrent insert from
+     * another CPU cannot overwrite our count. */
+    if (!tcp_flow_bytes.update((void *)id, &init))
+        return;
+    podnet_count_failure(PODNET_MAPID_TCP_FLOW_BYTES);
+    u64 cgroup_id = id->cgroup_id;
+    v = tcp_flow_overflow.lookup(&cgroup_id);
+    if (v)
+        add_bytes(v, n, sent);
+    else if (tcp_flow_overflow.update(&cgroup_id, &init))
+        podnet_count_failure(PODNET_MAPID_TCP_FLOW_OVERFLOW);
+}
+
 #ifdef PODNET_TP_BTF
 static __always_inline struct tcp_sock_info *cached_state(const void *sk)
 {
@@ -99,12 +156,67 @@ static __always_inline struct tcp_sock_info *cached_state(const void *sk)
 
 static __always_inline struct tcp_sock_info *new_state(const void *sk, struct tcp_sock_info *fresh)
 {
+    u32 zero = 0;
+    u64 *next = tcp_sock_ids.lookup(&zero);
+    if (!next)
+        return 0;
+    /* Set before the storage exists: two CPUs creating it at once agree on one value. */
+    fresh->id = __sync_fetch_and_add(next, 1) + 1;
     return tcp_sock_state.sk_storage_get((void *)sk, fresh, BPF_SK_STORAGE_GET_F_CREATE);
 }
 
+static __always_inline void count_socket(struct tcp_sock_info *info, int ret, int sent)
+{
+    /* Atomic: two threads may send on one socket at once. */
+    if (sent)
+        __sync_fetch_and_add(&info->sent, ret);
+    else
+        __sync_fetch_and_add(&info->received, ret);
+}
+
+/* The socket dies or starts a new connection: hand its totals to the poller, then drop
+ * its state. */
 static __always_inline void forget_state(const void *sk)
 {
+    struct tcp_sock_info *info = cached_state(sk);
+    if (!info)
+        return;
+    /* Flagged first: from here on a poll reads these bytes from the hand-over only. */
+    info->handed = 1;
+    if (info->sent || info->received) {
+        struct tcp_sock_final f = {.flow = info->flow, .sent = info->sent, .received = info->received};
+        u64 id = info->id;
+        if (tcp_sock_final.update(&id, &f)) {
+            /* Full: into the flow counters instead. Exact, unless a poll reads this socket's
+             * storage before the delete below (then counted twice in that poll). */
+            podnet_count_failure(PODNET_MAPID_TCP_SOCK_FINAL);
+            count_flow(&f.flow, f.sent, 1);
+            count_flow(&f.flow, f.received, 0);
+        }
+    }
     tcp_sock_state.sk_storage_delete((void *)sk);
+}
+
+/* The poller's view of every live socket: one record per socket-local storage. The
+ * context is the kernel's struct bpf_iter__bpf_sk_storage_map; only its layout matters. */
+struct podnet_sk_storage_iter {
+    void *meta;     /* struct bpf_iter_meta *: its first field is the seq_file */
+    void *map;
+    void *sk;
+    void *value;
+};
+
+int iter_tcp_sock_state(struct podnet_sk_storage_iter *ctx)
+{
+    struct tcp_sock_info *info = ctx->value;
+    if (!info || info->handed)
+        return 0;
+    struct tcp_sock_record r = {.id = info->id, .flow = info->flow, .sent = info->sent, .received = info->received};
+    if (!r.sent && !r.received)
+        return 0;
+    void *seq = PODNET_LOAD(void *, ctx->meta, 0);
+    bpf_seq_write(seq, &r, sizeof(r));
+    return 0;
 }
 #else
 static __always_inline struct tcp_sock_info *cached_state(const void *sk)
@@ -125,6 +237,11 @@ static __always_inline void forget_state(const void *sk)
     u64 skaddr = (u64)sk;
     tcp_sock_identity.delete(&skaddr);
 }
+
+static __always_inline void count_socket(struct tcp_sock_info *info, int ret, int sent)
+{
+    count_flow(&info->flow, ret, sent);
+}
 #endif
 
 /* Resolves the socket's (owner, peer) into *fresh; 0 for sockets that are not inet TCP or
@@ -138,14 +255,6 @@ static __always_inline int resolve_identity(const void *sk, struct tcp_sock_info
         return 0;
     podnet_sk_peer(sk, fresh->flow.peer);
     return 1;
-}
-
-static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
-{
-    if (sent)
-        v->sent += n;
-    else
-        v->received += n;
 }
 
 static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, u8 status_class)
@@ -212,28 +321,6 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
     observe_request(info, ns, status);
 }
 
-static __always_inline void count_flow(const struct tcp_flow_key *id, int ret, int sent)
-{
-    struct tcp_bytes *v = tcp_flow_bytes.lookup((void *)id);
-    if (v) {
-        add_bytes(v, ret, sent);
-        return;
-    }
-    struct tcp_bytes init = {};
-    add_bytes(&init, ret, sent);
-    /* BPF_ANY on a per-CPU map writes only this CPU's slot: a concurrent insert from
-     * another CPU cannot overwrite our count. */
-    if (!tcp_flow_bytes.update((void *)id, &init))
-        return;
-    podnet_count_failure(PODNET_MAPID_TCP_FLOW_BYTES);
-    u64 cgroup_id = id->cgroup_id;
-    v = tcp_flow_overflow.lookup(&cgroup_id);
-    if (v)
-        add_bytes(v, ret, sent);
-    else if (tcp_flow_overflow.update(&cgroup_id, &init))
-        podnet_count_failure(PODNET_MAPID_TCP_FLOW_OVERFLOW);
-}
-
 static __always_inline int count_bytes(const void *sk, int ret, int flags, int sent)
 {
     if (ret <= 0 || !sk)
@@ -271,7 +358,7 @@ static __always_inline int count_bytes(const void *sk, int ret, int flags, int s
         info->last_rtt_ns = now;
         observe_rtt(sk, info);
     }
-    count_flow(&info->flow, ret, sent);
+    count_socket(info, ret, sent);
     return 0;
 }
 

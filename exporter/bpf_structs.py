@@ -61,9 +61,25 @@ class SockInfo(ct.Structure):
         ("in_request", ct.c_uint8),
         ("method", ct.c_uint8),
         ("not_http", ct.c_uint8),
-        ("pad", ct.c_uint8 * 4),
+        ("handed", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
         ("last_rtt_ns", ct.c_uint64),
+        ("id", ct.c_uint64),
+        ("sent", ct.c_uint64),
+        ("received", ct.c_uint64),
     ]
+
+
+class TcpSockFinal(ct.Structure):
+    """A dead socket's byte totals (tp_btf build), keyed by its state's id."""
+
+    _fields_ = [("flow", TcpFlowKey), ("sent", ct.c_uint64), ("received", ct.c_uint64)]
+
+
+class TcpSockRecord(ct.Structure):
+    """One live socket as iter_tcp_sock_state writes it (tp_btf build)."""
+
+    _fields_ = [("id", ct.c_uint64), ("flow", TcpFlowKey), ("sent", ct.c_uint64), ("received", ct.c_uint64)]
 
 
 UNTRACKED_PEER = bytes(16)
@@ -100,6 +116,7 @@ FailureCount = ct.c_uint64
 # is its position in that program's MAP_IDS tuple (PODNET_MAPID_* in the C source).
 MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "tcp_sock_identity": (SockKey, SockInfo),
+    "tcp_sock_final": (ct.c_uint64, TcpSockFinal),
     "request_hist": (RequestKey, HistVal),
     "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
     "tcp_flow_overflow": (CgroupKey, TcpBytes),
@@ -119,6 +136,7 @@ MAP_IDS: dict[str, tuple[str, ...]] = {
         "request_hist",
         "tcp_flow_overflow",
         "tcp_sock_state",
+        "tcp_sock_final",
     ),
     "tcp_state": (
         "tcp_conn_by_cgroup",

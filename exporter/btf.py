@@ -268,6 +268,20 @@ class Btf:
         program (tp_btf) names as its attach target."""
         return self._lookup(f"btf_trace_{tracepoint}", Kind.TYPEDEF)
 
+    def func_id(self, name: str) -> int | None:
+        """Id of the kernel function `name` (a FUNC type): what a BPF iterator program names
+        as its attach target (bpf_iter_<target>). FUNC names are not indexed at load, so
+        this scans the types once per call (~150k for vmlinux); start-up only."""
+        wanted = set(self._name_offsets(name))
+        if not wanted:
+            return None
+        unpack = self._codec.u32x2.unpack_from
+        for type_id in range(1, len(self._offsets)):
+            name_off, info = unpack(self._data, self._offsets[type_id])
+            if name_off in wanted and (info >> 24) & 0x1F == Kind.FUNC:
+                return type_id
+        return None
+
     def raw_tracepoint_args(self, tracepoint: str) -> list[str] | None:
         typedef = self._lookup(f"btf_trace_{tracepoint}", Kind.TYPEDEF)
         if typedef is None:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter import bpf_structs as bs
+from exporter.bpf_syscall import iter_read
 from exporter.programs import LoadedPrograms
+from exporter.sockbytes import SocketBytes, SocketTotals, decode_records
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,10 @@ class RawData:
 class MapReader:
     """Knows which map feeds which field; remembers whether batch lookups work."""
 
-    def __init__(self, programs: LoadedPrograms) -> None:
+    def __init__(self, programs: LoadedPrograms, max_flows: int = 1 << 18) -> None:
         self._programs = programs
         self._batch_ok: dict[str, bool] = {}
+        self._sockets = SocketBytes(max_flows)
 
     def _chunks(self, name: str, table: Any) -> list[tuple[Any, Any, int]] | None:
         """The whole map as BPF_MAP_LOOKUP_BATCH chunks (one syscall per ~1 MiB instead of
@@ -123,6 +126,7 @@ class MapReader:
                 c.received += received
                 n += 1
             raw.map_entries["tcp_flow_overflow"] = n
+            self._read_sockets(raw)
             raw.map_entries["tcp_rtt_hist"] = _read_hist(self._summed("tcp_traffic", "tcp_rtt_hist"), raw.rtt)
             n = 0
             for k, (count, total) in self._summed("tcp_traffic", "request_hist"):
@@ -170,11 +174,38 @@ class MapReader:
                     raw.map_failures[map_names[_int(idx)]] = sum(int(v) for v in per_cpu)
         return raw
 
+    def _read_sockets(self, raw: RawData) -> None:
+        """The tp_btf build's per-socket counters: live sockets first, then the totals of
+        sockets that died, taken out of the kernel as they are read."""
+        link = self._programs.socket_iterator("tcp_traffic")
+        if link is None:
+            return
+        table = self._programs.table("tcp_traffic", "tcp_sock_final")
+        if table is None:
+            return
+        live = decode_records(iter_read(link))
+        finals = [
+            SocketTotals(int(keys[i]), (v.flow.cgroup_id, bytes(v.flow.peer)), v.sent, v.received)
+            for keys, values, n in lookup_batches(table, delete=True)
+            for i, v in enumerate(values[:n])
+        ]
+        for flow, (sent, received) in self._sockets.fold(live, finals).items():
+            s0, r0 = raw.flows.get(flow, (0, 0))
+            raw.flows[flow] = (s0 + sent, r0 + received)
+            c = raw.cgroups[flow[0]]
+            c.sent += sent
+            c.received += received
+        raw.map_entries["tcp_sock_state"] = len(live)
+        raw.map_entries["tcp_sock_final"] = len(finals)
+        if self._sockets.overflowed:
+            raw.map_failures["tcp_sock_flows"] = self._sockets.overflowed
+
     def delete_cgroups(self, raw: RawData, dead: set[int]) -> int:
         """Delete every map entry of the given cgroups (their values are already in
         `raw`, read this poll). Returns entries deleted. An event landing between this
         poll's read and the delete is lost: a window of one poll, for a dead cgroup."""
         p = self._programs
+        self._sockets.forget(dead)
         keys: list[tuple[str, str, Any]] = []
         for cg in dead:
             keys += [
@@ -223,10 +254,14 @@ values for max_entries on every call: at the default --map-entries a per-CPU his
 then costs 24 MiB per poll on 2 CPUs and over 500 MiB on 64, which is an OOM, not a read."""
 
 
-def lookup_batches(table: Any, budget: int = BATCH_BYTES) -> Iterator[tuple[Any, Any, int]]:
+def lookup_batches(
+    table: Any, budget: int = BATCH_BYTES, delete: bool = False
+) -> Iterator[tuple[Any, Any, int]]:
     """Every entry of a BCC hash table as (keys, values, n) chunks, by BPF_MAP_LOOKUP_BATCH
     with buffers of about `budget` bytes. Each chunk has fresh buffers, so entries stay valid
-    after the next chunk is read. Raises OSError with the kernel's errno.
+    after the next chunk is read. Raises OSError with the kernel's errno. With `delete`
+    (BPF_MAP_LOOKUP_AND_DELETE_BATCH) each entry returned is also removed, atomically: an
+    entry written after its bucket was read stays for the next call.
 
     Our own loop rather than BCC's: besides the allocation above, BCC 0.26 passes one
     c_uint32 as both the batch token and the count, so a read needing a second call would
@@ -243,16 +278,16 @@ def lookup_batches(table: Any, budget: int = BATCH_BYTES) -> Iterator[tuple[Any,
         keys = (table.Key * chunk)()
         values = (table.Leaf * chunk)()
         count = ct.c_uint32(chunk)
-        res = lib.bpf_lookup_batch(
-            table.map_fd, token_in if started else None, token_out, keys, values, ct.byref(count)
-        )
+        batch = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
+        res = batch(table.map_fd, token_in if started else None, token_out, keys, values, ct.byref(count))
         err = ct.get_errno() if res != 0 else 0
         if err == errno.ENOSPC and count.value == 0 and chunk < table.max_entries:
             # One hash bucket holds more entries than the buffer: grow it and retry.
             chunk = min(int(table.max_entries), chunk * 2)
             continue
         if err not in (0, errno.ENOENT):
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            what = "BPF_MAP_LOOKUP_AND_DELETE_BATCH" if delete else "BPF_MAP_LOOKUP_BATCH"
+            raise OSError(err, f"{what}: {os.strerror(err)}")
         if count.value:
             yield keys, values, count.value
         if err == errno.ENOENT:  # the kernel's "no more entries"

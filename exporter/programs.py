@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.bpf_structs import MAP_TYPES
-from exporter.bpf_syscall import BpfSyscallError, attach_tp_btf, load_tp_btf
+from exporter.bpf_syscall import BpfSyscallError, attach_map_iter, attach_tp_btf, load_iter, load_tp_btf
 from exporter.btf import Btf
 from exporter.offsets import Offsets
 
@@ -64,6 +64,9 @@ class ProgramSpec:
     metrics: tuple[str, ...]
     btf_typed: bool = False
     """Built with -DPODNET_TP_BTF and loaded as tp_btf programs where the kernel can."""
+    socket_iterator: tuple[str, str] | None = None
+    """(function, socket-storage map) of the tp_btf build's iterator over live sockets:
+    without it that build's byte counters could not be read, so it is required."""
 
     @property
     def source(self) -> Path:
@@ -90,6 +93,7 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
             "podnet_tcp_rtt_seconds",
         ),
         btf_typed=True,
+        socket_iterator=("iter_tcp_sock_state", "tcp_sock_state"),
     ),
     ProgramSpec(
         "tcp_state",
@@ -173,6 +177,13 @@ class LoadedPrograms:
     """hook label -> (program fd, link fd) of hooks attached as tp_btf programs."""
     builds: dict[str, str] = field(default_factory=dict)
     """program -> how it was built and attached (Variant.describe), for logs and doctor."""
+    socket_iterators: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """program -> (program fd, link fd) of its iterator over live sockets (tp_btf builds)."""
+
+    def socket_iterator(self, program: str) -> int | None:
+        """Link fd to read the program's live sockets from (bpf_syscall.iter_read)."""
+        fds = self.socket_iterators.get(program)
+        return fds[1] if fds is not None and self.attached(program) else None
 
     def table(self, program: str, name: str) -> Any | None:
         obj = self.objects.get(program)
@@ -206,9 +217,16 @@ class LoadedPrograms:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
+    def close_socket_iterator(self, program: str) -> None:
+        for fd in reversed(self.socket_iterators.pop(program, ())):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def close(self) -> None:
         """Detach everything; the kernel frees programs and maps with their last fd."""
         self.close_tp_btf(list(self.tp_btf))
+        for program in list(self.socket_iterators):
+            self.close_socket_iterator(program)
         for obj in self.objects.values():
             with contextlib.suppress(Exception):
                 obj.cleanup()
@@ -306,6 +324,30 @@ def _attach_tp_btf(loaded: LoadedPrograms, btf: Btf, obj: Any, st: HookStatus) -
     loaded.tp_btf[st.hook.label] = (prog_fd, link_fd)
 
 
+_SK_STORAGE_ITER_TARGET = "bpf_iter_bpf_sk_storage_map"
+
+
+def _attach_socket_iterator(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec, obj: Any) -> None:
+    if spec.socket_iterator is None:
+        return
+    from bcc import lib
+
+    function, map_name = spec.socket_iterator
+    func_id = btf.func_id(_SK_STORAGE_ITER_TARGET)
+    if func_id is None:
+        raise BpfSyscallError(f"kernel has no socket-storage map iterator ({_SK_STORAGE_ITER_TARGET})")
+    map_fd = lib.bpf_table_fd(obj.module, map_name.encode())
+    if map_fd < 0:
+        raise BpfSyscallError(f"map {map_name} is not in the compiled program")
+    prog_fd = load_iter(obj, function, func_id)
+    try:
+        link_fd = attach_map_iter(prog_fd, map_fd)
+    except BpfSyscallError:
+        os.close(prog_fd)
+        raise
+    loaded.socket_iterators[spec.name] = (prog_fd, link_fd)
+
+
 def _compile_and_attach(
     loaded: LoadedPrograms,
     btf: Btf,
@@ -329,6 +371,15 @@ def _compile_and_attach(
             st.reason = reason
         return True  # another variant would not compile either
     loaded.objects[spec.name] = obj
+    if variant.tp_btf:
+        try:
+            _attach_socket_iterator(loaded, btf, spec, obj)
+        except BpfSyscallError as e:
+            for st in usable:
+                st.reason = str(e)
+            obj.cleanup()
+            del loaded.objects[spec.name]
+            return last
     for st in usable:
         try:
             if variant.tp_btf:
@@ -346,6 +397,7 @@ def _compile_and_attach(
         loaded.builds[spec.name] = variant.describe()
         return True
     loaded.close_tp_btf([st.hook.label for st in usable])
+    loaded.close_socket_iterator(spec.name)
     obj.cleanup()
     del loaded.objects[spec.name]
     for st in statuses:

@@ -18,8 +18,8 @@ CGROUP_KEYED = (
     "tcp_connect_duration_hist",
     "tcp_events_by_cgroup",
 )
-# Per-socket maps: where the owner's cgroup id sits in the value.
-SOCKET_KEYED = {"tcp_socks_open": 0, "tcp_connects_pending": 8, "tcp_sock_identity": 0}
+# Per-socket maps (and dead sockets' totals): where the owner's cgroup id sits in the value.
+SOCKET_KEYED = {"tcp_socks_open": 0, "tcp_connects_pending": 8, "tcp_sock_identity": 0, "tcp_sock_final": 0}
 
 
 def _bpftool(*args: str) -> object:

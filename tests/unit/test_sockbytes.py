@@ -1,0 +1,154 @@
+"""exporter.sockbytes: per-flow totals from live sockets and dead sockets' hand-overs.
+
+The kernel side is modelled: each socket counts its bytes in its storage, hands its totals
+over once when it dies (then its storage is deleted), and a poll reads live storages first
+(skipping those flagged as handed over) and hand-overs second, with anything allowed to
+happen in between."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.bpf_structs import UNTRACKED_PEER, TcpSockRecord
+from exporter.sockbytes import SocketBytes, SocketTotals, decode_records
+
+PEER_A = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
+PEER_B = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 2])
+
+
+def t(sid: int, cg: int, peer: bytes, sent: int, received: int = 0) -> SocketTotals:
+    return SocketTotals(sid, (cg, peer), sent, received)
+
+
+def test_record_layout_matches_the_ctypes_mirror() -> None:
+    rec = TcpSockRecord(7, (42, (type(TcpSockRecord().flow.peer))(*PEER_A)), 100, 20)
+    data = bytes(rec) * 2 + b"\x00" * 5  # a torn tail is ignored
+    assert decode_records(data) == [t(7, 42, PEER_A, 100, 20)] * 2
+    assert struct.calcsize("=QQ16sQQ") == len(bytes(rec))
+
+
+@pytest.mark.parametrize(
+    ("polls", "expected"),
+    [
+        # live only, growing
+        ([([t(1, 5, PEER_A, 10)], []), ([t(1, 5, PEER_A, 30)], [])], [30]),
+        # dies between polls: its hand-over carries the final value
+        ([([t(1, 5, PEER_A, 10)], []), ([], [t(1, 5, PEER_A, 40)])], [40]),
+        # handed over during the read: seen in both, counted once (the final value)
+        ([([t(1, 5, PEER_A, 10)], [t(1, 5, PEER_A, 10)])], [10]),
+        # two sockets of one flow, one dead, one alive
+        ([([t(2, 5, PEER_A, 7)], [t(1, 5, PEER_A, 10)]), ([t(2, 5, PEER_A, 9)], [])], [19]),
+    ],
+)
+def test_fold_table(polls: list[tuple[list[SocketTotals], list[SocketTotals]]], expected: list[int]) -> None:
+    sb = SocketBytes(max_flows=100)
+    out = {}
+    for live, finals in polls:
+        out = sb.fold(live, finals)
+    assert [out[(5, PEER_A)][0]] == expected
+
+
+def test_flows_beyond_the_cap_keep_their_owner_exact() -> None:
+    sb = SocketBytes(max_flows=1)
+    out = sb.fold([], [t(1, 5, PEER_A, 10), t(2, 5, PEER_B, 20), t(3, 6, PEER_B, 1)])
+    assert out == {(5, PEER_A): (10, 0), (5, UNTRACKED_PEER): (20, 0), (6, UNTRACKED_PEER): (1, 0)}
+    assert sb.overflowed == 2
+
+
+def test_forget_drops_dead_cgroups_only() -> None:
+    sb = SocketBytes(max_flows=10)
+    sb.fold([], [t(1, 5, PEER_A, 10), t(2, 6, PEER_A, 20)])
+    assert sb.forget({5}) == 1
+    assert sb.fold([], []) == {(6, PEER_A): (20, 0)}
+
+
+# ---- model-based: any interleaving of kernel events and polls --------------------------------------
+
+
+@dataclass
+class Sock:
+    flow: tuple[int, bytes]
+    sent: int = 0
+    received: int = 0
+    storage: bool = True  # its socket-local storage exists
+    handed: bool = False  # its totals were written to the hand-over map
+
+
+@dataclass
+class Kernel:
+    socks: dict[int, Sock] = field(default_factory=dict)
+    finals: dict[int, SocketTotals] = field(default_factory=dict)
+
+    def apply(self, op: tuple[str, int, int]) -> None:
+        kind, sid, n = op
+        s = self.socks.get(sid)
+        if kind == "bytes":
+            if s is None:
+                s = self.socks[sid] = Sock((sid % 3, PEER_A if sid % 2 else PEER_B))
+            if not s.handed:
+                s.sent += n
+                s.received += n // 2
+        elif kind == "die" and s is not None and not s.handed:
+            s.handed = True
+            self.finals[sid] = SocketTotals(sid, s.flow, s.sent, s.received)
+        elif kind == "free" and s is not None and s.handed:
+            s.storage = False
+
+    def live(self) -> list[SocketTotals]:
+        # The iterator skips storages flagged at hand-over.
+        shown = [(i, s) for i, s in self.socks.items() if s.storage and not s.handed]
+        return [SocketTotals(i, s.flow, s.sent, s.received) for i, s in shown]
+
+    def take_finals(self) -> list[SocketTotals]:
+        out = list(self.finals.values())
+        self.finals.clear()
+        return out
+
+    def truth(self) -> dict[tuple[int, bytes], tuple[int, int]]:
+        out: dict[tuple[int, bytes], tuple[int, int]] = {}
+        for s in self.socks.values():
+            a, b = out.get(s.flow, (0, 0))
+            out[s.flow] = (a + s.sent, b + s.received)
+        return out
+
+
+Op = tuple[str, int, int]
+
+
+def nonzero(flows: dict[tuple[int, bytes], tuple[int, int]]) -> dict[tuple[int, bytes], tuple[int, int]]:
+    return {f: v for f, v in flows.items() if v != (0, 0)}
+
+
+op = st.tuples(st.sampled_from(["bytes", "bytes", "die", "free"]), st.integers(1, 8), st.integers(1, 1000))
+step = st.one_of(
+    op.map(lambda o: ("op", [o])),
+    st.lists(op, max_size=4).map(lambda ops: ("poll", ops)),  # ops happen between the two reads
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(step, max_size=40))
+def test_any_interleaving_is_monotonic_and_exact_when_quiet(steps: list[tuple[str, list[Op]]]) -> None:
+    kernel, sb = Kernel(), SocketBytes(max_flows=100)
+    seen: dict[tuple[int, bytes], tuple[int, int]] = {}
+    for kind, ops in steps:
+        if kind == "op":
+            kernel.apply(ops[0])
+            continue
+        live = kernel.live()
+        for o in ops:
+            kernel.apply(o)
+        out = sb.fold(live, kernel.take_finals())
+        truth = kernel.truth()
+        for flow, (sent, received) in out.items():
+            before = seen.get(flow, (0, 0))
+            assert sent >= before[0] and received >= before[1], "went backwards"
+            assert sent <= truth[flow][0] and received <= truth[flow][1], "counted twice"
+        seen = out
+        if not ops:  # nothing moved during the read: exact
+            assert nonzero(out) == nonzero(truth)

@@ -193,13 +193,72 @@ class EmptyPrograms:
 
 
 CONFIGS: dict[str, tuple[str, ...]] = {"full": (), "no-requests": ("--no-requests",)}
+BUILDS: dict[str, dict[str, bool]] = {
+    "full": {},
+    "no-requests": {"requests": False},
+    "raw": {"tp_btf": False},
+    "raw no-requests": {"tp_btf": False, "requests": False},
+}
 
 
-def attach(config: str, poll: float, floor: EmptyPrograms | None) -> Exporter | EmptyPrograms:
-    if config == "floor":
-        assert floor is not None
-        floor.attach()
-        return floor
+class LoadedBuild:
+    """The exporter's own programs (exporter.programs.load_programs, every program), loaded
+    in this process once; the two hot hooks are attached only while measured, the rest
+    (per-connection events) stay attached."""
+
+    HOT = ("sock_send_length", "sock_recv_length")
+
+    def __init__(self, requests: bool = True, tp_btf: bool = True, only_hot_path: bool = False) -> None:
+        sys.path.insert(0, str(REPO))
+        from exporter.btf import Btf
+        from exporter.offsets import resolve_offsets
+        from exporter.programs import PROGRAMS, MapSizes, load_programs
+
+        btf = Btf.load()
+        specs = [p for p in PROGRAMS if p.name == "tcp_traffic"] if only_hot_path else PROGRAMS
+        self.progs = load_programs(
+            btf, resolve_offsets(btf), MapSizes(), specs, requests=requests, tp_btf=tp_btf
+        )
+        self._links: list[int] = []
+        if self.progs.tp_btf:
+            for h in self.HOT:
+                prog_fd, link_fd = self.progs.tp_btf[h]
+                os.close(link_fd)
+                # Closed here: keep the loader from closing that number again later.
+                self.progs.tp_btf[h] = (prog_fd, -1)
+        else:
+            for h in self.HOT:
+                self.progs.objects["tcp_traffic"].detach_raw_tracepoint(tp=h.encode())
+
+    def attach(self) -> None:
+        from exporter.bpf_syscall import attach_tp_btf
+
+        if self.progs.tp_btf:
+            self._links = [attach_tp_btf(self.progs.tp_btf[h][0]) for h in self.HOT]
+            return
+        for h in self.HOT:
+            self.progs.objects["tcp_traffic"].attach_raw_tracepoint(tp=h.encode(), fn_name=f"on_{h}".encode())
+
+    def stop(self) -> None:
+        if self.progs.tp_btf:
+            for fd in self._links:
+                os.close(fd)
+            self._links = []
+            return
+        for h in self.HOT:
+            self.progs.objects["tcp_traffic"].detach_raw_tracepoint(tp=h.encode())
+
+
+Subject = Exporter | EmptyPrograms | LoadedBuild
+
+
+def attach(config: str, poll: float, subjects: dict[str, Any]) -> Subject:
+    """Start what the "with" side of a pair measures: an in-process subject (floor, or a
+    build loaded by --method inproc), else a fresh exporter process."""
+    subject = subjects.get(config)
+    if subject is not None:
+        subject.attach()
+        return subject  # type: ignore[no-any-return]
     return Exporter(poll, CONFIGS[config])
 
 
@@ -208,7 +267,7 @@ def alternate(
     pairs: int,
     poll: float,
     config: str = "full",
-    floor: EmptyPrograms | None = None,
+    subjects: dict[str, Any] | None = None,
 ) -> dict[str, object]:
     """Pairs of (without, with), the order flipped every pair so drift cancels."""
     ratios, off, on = [], [], []
@@ -216,7 +275,7 @@ def alternate(
         order = (False, True) if i % 2 == 0 else (True, False)
         result: dict[bool, float] = {}
         for attached in order:
-            exp = attach(config, poll, floor) if attached else None
+            exp = attach(config, poll, subjects or {}) if attached else None
             try:
                 result[attached] = workload()
             finally:
@@ -259,14 +318,12 @@ def program_costs(workload: Callable[[], float], poll: float, config: str = "ful
     return {p: float(seconds[p]) * 1e9 / float(runs[p]) for p in seconds if float(runs.get(p, 0)) > 0}
 
 
-def run_workload(
-    wl: Callable[[], float], a: argparse.Namespace, floor: EmptyPrograms | None
-) -> dict[str, Any]:
+def run_workload(wl: Callable[[], float], a: argparse.Namespace, subjects: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for config in a.configs:
         print(f"  {config}:", flush=True)
-        out[config] = alternate(wl, a.pairs, a.poll, config, floor)
-        if config != "floor":
+        out[config] = alternate(wl, a.pairs, a.poll, config, subjects)
+        if config in CONFIGS and not a.skip_costs:
             out[f"{config}_ns_per_event"] = program_costs(wl, min(a.poll, 1.0), config)
     return out
 
@@ -279,10 +336,20 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--configs", default="full,no-requests,floor", type=lambda v: v.split(","))
+    ap.add_argument(
+        "--method",
+        choices=("inproc", "process"),
+        default="inproc",
+        help="inproc: the exporter's programs loaded here and attached per run (fast "
+        "alternation, data path only); process: a podnet-exporter process started per run",
+    )
+    ap.add_argument("--skip-costs", action="store_true", help="no bpf_stats run per configuration")
     a = ap.parse_args()
-    unknown = set(a.configs) - {*CONFIGS, "floor"}
+    unknown = set(a.configs) - {*BUILDS, "floor"}
     if unknown:
-        ap.error(f"unknown configuration {sorted(unknown)[0]}; choose from full, no-requests, floor")
+        ap.error(f"unknown configuration {sorted(unknown)[0]}; choose from {', '.join([*BUILDS, 'floor'])}")
+    if a.method == "process" and set(a.configs) - {*CONFIGS, "floor"}:
+        ap.error("--method process measures full, no-requests and floor only")
     report: dict[str, object] = {
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
@@ -290,10 +357,15 @@ def main() -> int:
         "seconds": a.seconds,
         "poll_interval": a.poll,
     }
-    floor = EmptyPrograms() if "floor" in a.configs else None
+    subjects: dict[str, Any] = {}
+    if "floor" in a.configs:
+        subjects["floor"] = EmptyPrograms()
+    if a.method == "inproc":
+        subjects.update({c: LoadedBuild(**BUILDS[c]) for c in a.configs if c in BUILDS})
+    report["method"] = a.method
     pp = pingpong_workload(build_pingpong(), a.seconds)
     print("pingpong: 1-byte request/response, 4 connections, loopback")
-    report["pingpong"] = run_workload(pp, a, floor)
+    report["pingpong"] = run_workload(pp, a, subjects)
     if not a.skip_http:
         if shutil.which("nginx") is None or shutil.which("wrk") is None:
             print("http: skipped (apt-get install nginx-light wrk)")
@@ -302,7 +374,7 @@ def main() -> int:
             try:
                 print("http: nginx 1 KiB keep-alive, wrk 2 threads 4 connections")
                 wl = wrk_workload(nginx.port, a.seconds)
-                report["http"] = run_workload(wl, a, floor)
+                report["http"] = run_workload(wl, a, subjects)
             finally:
                 nginx.stop()
     summary = {

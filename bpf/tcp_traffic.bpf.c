@@ -321,6 +321,19 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
     observe_request(info, ns, status);
 }
 
+/* First sight of a socket: its state, created from its identity (left in *fresh). NULL
+ * for sockets podnet does not track (fresh->flow.cgroup_id stays 0) and when there is no
+ * room for the state (counted). */
+static __always_inline struct tcp_sock_info *create_state(const void *sk, struct tcp_sock_info *fresh)
+{
+    if (!resolve_identity(sk, fresh))
+        return 0;
+    struct tcp_sock_info *info = new_state(sk, fresh);
+    if (!info)
+        podnet_count_failure(PODNET_MAPID_TCP_SOCK_STATE);
+    return info;
+}
+
 static __always_inline int count_bytes(const void *sk, int ret, int flags, int sent)
 {
     if (ret <= 0 || !sk)
@@ -331,14 +344,12 @@ static __always_inline int count_bytes(const void *sk, int ret, int flags, int s
     struct tcp_sock_info *info = cached_state(sk);
     if (!info) {
         struct tcp_sock_info fresh = {};
-        if (!resolve_identity(sk, &fresh))
-            return 0;
-        info = new_state(sk, &fresh);
+        info = create_state(sk, &fresh);
         if (!info) {
             /* No room for the socket's state: its bytes still count, its requests and
              * RTT do not. */
-            podnet_count_failure(PODNET_MAPID_TCP_SOCK_STATE);
-            count_flow(&fresh.flow, ret, sent);
+            if (fresh.flow.cgroup_id)
+                count_flow(&fresh.flow, ret, sent);
             return 0;
         }
     }
@@ -400,9 +411,7 @@ PODNET_HOOK(on_traffic_sock_state)
     struct tcp_sock_info *info = cached_state(sk);
     if (!info) {
         struct tcp_sock_info fresh = {};
-        if (!resolve_identity(sk, &fresh))
-            return 0;
-        info = new_state(sk, &fresh);
+        info = create_state(sk, &fresh);
         if (!info)
             return 0;
     }

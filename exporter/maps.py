@@ -172,6 +172,11 @@ class MapReader:
             for idx, per_cpu in table.items():
                 if _int(idx) < len(map_names):
                     raw.map_failures[map_names[_int(idx)]] = sum(int(v) for v in per_cpu)
+        if self._sockets.overflowed:
+            # Dead sockets' flows beyond max_flows (kept here, not in the kernel): the flow
+            # table is full all the same.
+            kernel = raw.map_failures.get("tcp_flow_bytes", 0)
+            raw.map_failures["tcp_flow_bytes"] = kernel + self._sockets.overflowed
         return raw
 
     def _read_sockets(self, raw: RawData) -> None:
@@ -197,8 +202,6 @@ class MapReader:
             c.received += received
         raw.map_entries["tcp_sock_state"] = len(live)
         raw.map_entries["tcp_sock_final"] = len(finals)
-        if self._sockets.overflowed:
-            raw.map_failures["tcp_sock_flows"] = self._sockets.overflowed
 
     def delete_cgroups(self, raw: RawData, dead: set[int]) -> int:
         """Delete every map entry of the given cgroups (their values are already in

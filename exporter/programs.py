@@ -148,12 +148,17 @@ def variants(spec: ProgramSpec, requests: bool = True) -> list[Variant]:
 class MapSizes:
     cgroups: int = 65536
 
+    @property
+    def flows(self) -> int:
+        """(owner, peer) flows: the kernel's flow map, and the poller's totals of dead sockets."""
+        return self.cgroups * 4
+
     def cflags(self) -> list[str]:
         # Owners are few (containers + host services); sockets, flows and histogram
         # slots are several per owner. Maps are not preallocated: memory follows use.
         return [
             f"-DPODNET_MAP_ENTRIES={self.cgroups}",
-            f"-DPODNET_FLOW_ENTRIES={self.cgroups * 4}",
+            f"-DPODNET_FLOW_ENTRIES={self.flows}",
             f"-DPODNET_SOCK_ENTRIES={self.cgroups * 4}",
             f"-DPODNET_HIST_ENTRIES={self.cgroups * 8}",
         ]

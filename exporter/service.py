@@ -63,7 +63,7 @@ def build_parts(config: Config) -> PollerParts:
     )
     return PollerParts(
         programs=programs,
-        reader=MapReader(programs),
+        reader=MapReader(programs, max_flows=MapSizes(config.map_entries).flows),
         resolver=IdentityResolver(index, store, max_entries=config.map_entries),
         peers=PeerResolver(store),
         store=store,

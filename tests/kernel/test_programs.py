@@ -224,6 +224,25 @@ def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimClust
         progs.close()
 
 
+def test_dead_sockets_beyond_the_flow_limit_are_counted_and_totals_stay_exact(
+    btf: Btf, cluster: SimCluster
+) -> None:
+    """tp_btf build: the poller keeps dead sockets' totals per flow up to a limit; beyond it
+    they go to the owner's catch-all flow and the flow table counts as full."""
+    progs = load(btf)
+    try:
+        reader = MapReader(progs, max_flows=1)
+        hosts = [f"127.0.0.{i}" for i in (21, 22, 23)]
+        cg_id = host_exchange(cluster, "flow-limit", free_port(), hosts, 100, 7)
+        raw = reader.read()
+        assert raw.map_failures["tcp_flow_bytes"] >= 2
+        assert raw.cgroups[cg_id].sent == 3 * 107
+        assert raw.cgroups[cg_id].received == 3 * 107
+        assert raw.flows[(cg_id, bytes(16))][0] > 0  # the catch-all: peer unknown
+    finally:
+        progs.close()
+
+
 def test_live_and_dead_sockets_count_once(btf: Btf) -> None:
     """tp_btf build: a connection's bytes are read from its socket while it lives and from
     its hand-over once it dies, never both, never neither. The server listens on an address

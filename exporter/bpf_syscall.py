@@ -1,4 +1,4 @@
-"""The few bpf(2) commands BCC 0.26 lacks: loading a program BCC compiled as a BTF-typed
+"""bpf(2) for what BCC 0.26 lacks: loading a program BCC compiled as a BTF-typed
 tracepoint program (tp_btf) or as a BPF iterator, attaching it, and reading an iterator.
 
 A tp_btf program runs on the same raw tracepoint as BCC's RAW_TRACEPOINT_PROBE, but the
@@ -83,7 +83,8 @@ class _IterCreateAttr(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+def bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(2) with `attr` as the command's part of union bpf_attr; raises OSError."""
     nr = _NR_BPF.get(os.uname().machine)
     if nr is None:
         raise BpfSyscallError(f"bpf(2) syscall number unknown on {os.uname().machine}")
@@ -123,12 +124,12 @@ def _load_tracing(bcc_obj: Any, function: str, attach_type: int, btf_id: int, li
         attach_btf_id=btf_id,
     )
     try:
-        return _bpf(_BPF_PROG_LOAD, attr)
+        return bpf(_BPF_PROG_LOAD, attr)
     except OSError as first:
         # Load again with the verifier's log only on failure: logging slows loading.
         attr.log_level, attr.log_size, attr.log_buf = 1, _LOG_SIZE, ctypes.addressof(log)
         try:
-            return _bpf(_BPF_PROG_LOAD, attr)
+            return bpf(_BPF_PROG_LOAD, attr)
         except OSError as e:
             why = _verifier_summary(log.value)
             raise BpfSyscallError(
@@ -159,14 +160,14 @@ def attach_map_iter(prog_fd: int, map_fd: int) -> int:
         iter_info_len=ctypes.sizeof(info),
     )
     try:
-        return _bpf(_BPF_LINK_CREATE, attr)
+        return bpf(_BPF_LINK_CREATE, attr)
     except OSError as e:
         raise BpfSyscallError(f"creating the map iterator failed: {e.strerror}") from None
 
 
 def iter_read(link_fd: int, chunk: int = 1 << 16) -> bytes:
     """Everything the iterator program writes in one walk (bpf_seq_write records)."""
-    fd = _bpf(_BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd))
+    fd = bpf(_BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd))
     try:
         parts: list[bytes] = []
         while True:
@@ -182,6 +183,6 @@ def attach_tp_btf(prog_fd: int) -> int:
     """Attach a loaded tp_btf program to its tracepoint; closing the returned link fd
     detaches it."""
     try:
-        return _bpf(_BPF_RAW_TRACEPOINT_OPEN, _RawTpOpenAttr(name=0, prog_fd=prog_fd))
+        return bpf(_BPF_RAW_TRACEPOINT_OPEN, _RawTpOpenAttr(name=0, prog_fd=prog_fd))
     except OSError as e:
         raise BpfSyscallError(f"attaching tp_btf program failed: {e.strerror}") from None

@@ -4,11 +4,11 @@ keeps only while sysctl kernel.bpf_stats_enabled is 1."""
 from __future__ import annotations
 
 import ctypes as ct
-import os
 from pathlib import Path
 
+from exporter.bpf_syscall import BpfSyscallError, bpf
+
 _BPF_OBJ_GET_INFO_BY_FD = 15
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
 
 class _BpfProgInfo(ct.Structure):
@@ -55,9 +55,6 @@ class _InfoAttr(ct.Structure):
     _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
 
 
-_libc = ct.CDLL(None, use_errno=True)
-
-
 def stats_enabled(path: str = "/proc/sys/kernel/bpf_stats_enabled") -> bool:
     try:
         return Path(path).read_text().strip() == "1"
@@ -69,6 +66,8 @@ def prog_run_stats(fd: int) -> tuple[int, int] | None:
     """(run_time_ns, run_cnt) of the program behind fd, or None if the kernel refuses."""
     info = _BpfProgInfo()
     attr = _InfoAttr(fd, ct.sizeof(info), ct.addressof(info))
-    if _libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ct.byref(attr), ct.sizeof(attr)) != 0:
+    try:
+        bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    except (OSError, BpfSyscallError):
         return None
     return int(info.run_time_ns), int(info.run_cnt)

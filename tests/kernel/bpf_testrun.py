@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import ctypes as ct
-import os
+
+from exporter.bpf_syscall import bpf
 
 _BPF_PROG_TEST_RUN = 10
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
-_libc = ct.CDLL(None, use_errno=True)
 
 
 class _TestAttr(ct.Structure):
@@ -33,7 +32,8 @@ class _TestAttr(ct.Structure):
 def run_raw_tp(prog_fd: int, *args: int) -> int:
     ctx = (ct.c_uint64 * len(args))(*args)
     attr = _TestAttr(prog_fd=prog_fd, ctx_size_in=ct.sizeof(ctx), ctx_in=ct.addressof(ctx))
-    if _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr)) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    try:
+        bpf(_BPF_PROG_TEST_RUN, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"BPF_PROG_TEST_RUN: {e.strerror}") from None
     return int(attr.retval)

@@ -40,5 +40,8 @@ def test_runs_with_only_cap_bpf_and_cap_perfmon(
         assert s.value("podnet_tcp_sent_bytes_total", **full_labels(a)) == 4 * 1234
         assert s.value("podnet_tcp_received_bytes_total", **full_labels(b)) == 4 * 1234
         assert s.value("podnet_exporter_unresolved_cgroups") == 0
+        # The cheaper build, not the fallback: tp_btf, socket storage and its iterator
+        # need nothing beyond these two capabilities.
+        assert "tcp_traffic: BTF-typed tracepoints" in exp.log_path.read_text(errors="replace")
     finally:
         assert exp.stop() == 0, exp.log()

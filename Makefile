@@ -32,6 +32,7 @@ bench: setup-test
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v gcc >/dev/null || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk gcc >/dev/null
 	$(PY) bench/tcp_overhead.py --pairs 41 --seconds 1
+	$(PY) bench/tcp_overhead.py --skip-pingpong --wrk 1,2 --pairs 41 --seconds 1 --skip-costs
 	$(PY) bench/event_cost.py
 	$(PY) bench/scale.py
 

@@ -144,10 +144,16 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def wrk_workload(port: int, seconds: float) -> Callable[[], float]:
+def wrk_workload(port: int, seconds: float, threads: int = 2, connections: int = 4) -> Callable[[], float]:
     def run() -> float:
         out = subprocess.run(
-            ["wrk", "-t2", "-c4", f"-d{max(1, round(seconds))}s", f"http://127.0.0.1:{port}/index.html"],
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                f"http://127.0.0.1:{port}/index.html",
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -344,6 +350,13 @@ def main() -> int:
         "alternation, data path only); process: a podnet-exporter process started per run",
     )
     ap.add_argument("--skip-costs", action="store_true", help="no bpf_stats run per configuration")
+    ap.add_argument("--skip-pingpong", action="store_true")
+    ap.add_argument(
+        "--wrk",
+        default=(2, 4),
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        help="wrk threads,connections (default 2,4; 1,2 leaves each side a CPU: steadier)",
+    )
     a = ap.parse_args()
     unknown = set(a.configs) - {*BUILDS, "floor"}
     if unknown:
@@ -363,17 +376,19 @@ def main() -> int:
     if a.method == "inproc":
         subjects.update({c: LoadedBuild(**BUILDS[c]) for c in a.configs if c in BUILDS})
     report["method"] = a.method
-    pp = pingpong_workload(build_pingpong(), a.seconds)
-    print("pingpong: 1-byte request/response, 4 connections, loopback")
-    report["pingpong"] = run_workload(pp, a, subjects)
+    if not a.skip_pingpong:
+        pp = pingpong_workload(build_pingpong(), a.seconds)
+        print("pingpong: 1-byte request/response, 4 connections, loopback")
+        report["pingpong"] = run_workload(pp, a, subjects)
     if not a.skip_http:
         if shutil.which("nginx") is None or shutil.which("wrk") is None:
             print("http: skipped (apt-get install nginx-light wrk)")
         else:
             nginx = Nginx()
             try:
-                print("http: nginx 1 KiB keep-alive, wrk 2 threads 4 connections")
-                wl = wrk_workload(nginx.port, a.seconds)
+                t, c = a.wrk
+                print(f"http: nginx 1 KiB keep-alive, wrk {t} threads {c} connections")
+                wl = wrk_workload(nginx.port, a.seconds, t, c)
                 report["http"] = run_workload(wl, a, subjects)
             finally:
                 nginx.stop()

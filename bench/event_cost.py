@@ -31,14 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from tcp_overhead import EmptyPrograms, LoadedBuild  # noqa: E402
-
-BUILDS: dict[str, dict[str, bool]] = {
-    "tp_btf": {},
-    "tp_btf no-requests": {"requests": False},
-    "raw": {"tp_btf": False},
-    "raw no-requests": {"tp_btf": False, "requests": False},
-}
+from tcp_overhead import BUILDS, EmptyPrograms, LoadedBuild  # noqa: E402
 
 
 def main() -> int:

@@ -384,6 +384,13 @@ class KubeWatcher:
             hint = "; the service account needs get/list/watch on pods (a ClusterRole)"
         return KubeError(f"http-{resp.status}", f"{what} pods of node {self.node_name}: HTTP {detail}{hint}")
 
+    async def _get(
+        self, session: aiohttp.ClientSession, params: dict[str, str], timeout: aiohttp.ClientTimeout
+    ) -> Any:
+        """A GET of this node's pods (list or watch), with the current token and TLS settings."""
+        headers, tls = await self._headers(), await self._ssl_context()
+        return session.get(self._url, params=params, headers=headers, ssl=tls, timeout=timeout)
+
     async def _list(self, session: aiohttp.ClientSession) -> None:
         # The first list may come from the API server's watch cache ("0": cheap when thousands of
         # nodes start at once, as kubelets do); after a 410 only the current state will do ("").
@@ -393,13 +400,7 @@ class KubeWatcher:
         timeout = aiohttp.ClientTimeout(
             total=self.timing.list_timeout, sock_connect=self.timing.connect_timeout
         )
-        async with session.get(
-            self._url,
-            params=params,
-            headers=await self._headers(),
-            ssl=await self._ssl_context(),
-            timeout=timeout,
-        ) as resp:
+        async with await self._get(session, params, timeout) as resp:
             if resp.status == 410:
                 self._quorum_list = True
                 raise KubeError("http-410", "listing pods: HTTP 410 Gone; relisting from the current state")
@@ -444,13 +445,7 @@ class KubeWatcher:
         started = loop.time()
         events = 0
         self.watches += 1
-        async with session.get(
-            self._url,
-            params=params,
-            headers=await self._headers(),
-            ssl=await self._ssl_context(),
-            timeout=timeout,
-        ) as resp:
+        async with await self._get(session, params, timeout) as resp:
             if resp.status == 410:
                 raise _Expired
             if resp.status != 200:

@@ -33,6 +33,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -143,6 +144,38 @@ def wait_exec(proc: subprocess.Popen[bytes], argv: Sequence[str], timeout: float
 def traffic_argv(*args: str | float | os.PathLike[str]) -> list[str]:
     """argv running traffic.py with this interpreter, e.g. traffic_argv("server", "--port", 80)."""
     return [sys.executable, TRAFFIC_PY, *(str(a) for a in args)]
+
+
+def ready_path() -> str:
+    """A fresh path for traffic.py's --ready-file."""
+    return os.path.join(tempfile.gettempdir(), f"podnet-ready-{uuid.uuid4().hex}")
+
+
+def server_argv(port: int, connections: int, reply: int, ready: str, mode: str = "sink") -> list[str]:
+    """traffic.py server: accept `connections`, answer each with `reply` bytes (per `mode`)."""
+    return traffic_argv(
+        *("server", "--port", port, "--connections", connections, "--reply-bytes", reply),
+        *("--mode", mode, "--ready-file", ready),
+    )
+
+
+def client_argv(host: str, port: int, connections: int, send: int, expect: int) -> list[str]:
+    """traffic.py client: `connections` connections, each sending `send` and expecting `expect` bytes."""
+    return traffic_argv(
+        *("client", "--host", host, "--port", port, "--connections", connections),
+        *("--send-bytes", send, "--expect-bytes", expect),
+    )
+
+
+def full_labels(pod: SimPod) -> dict[str, str]:
+    """The pod labels podnet puts on every pod series."""
+    return {
+        "namespace": pod.namespace,
+        "pod": pod.name,
+        "container": pod.container_name,
+        "workload": pod.workload,
+        "workload_kind": pod.workload_kind,
+    }
 
 
 def _ip(*args: str, netns: str | None = None, batch: str | None = None, check: bool = True) -> str:

@@ -11,13 +11,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from exporter_proc import ExporterProcess, Scrape
-from podsim import SimCluster, SimPod, traffic_argv, wait_for_file
+from podsim import (
+    SimCluster,
+    SimPod,
+    client_argv,
+    full_labels,
+    ready_path,
+    server_argv,
+    wait_for_file,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_kube_api import FakeKubeApi  # lives in tests/, shared with the unit tests
@@ -82,16 +89,6 @@ def scrape_until(exporter: ExporterProcess, predicate: Callable[[Scrape], bool],
         time.sleep(0.1)
 
 
-def full_labels(pod: SimPod) -> dict[str, str]:
-    return {
-        "namespace": pod.namespace,
-        "pod": pod.name,
-        "container": pod.container_name,
-        "workload": pod.workload,
-        "workload_kind": pod.workload_kind,
-    }
-
-
 def finish(p: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, object]:
     out, err = p.communicate(timeout=timeout)
     assert p.returncode == 0, (out, err)
@@ -100,22 +97,12 @@ def finish(p: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, object]
 
 def talk(server_pod: SimPod, client_pod: SimPod, host: str, port: int, send: int, reply: int) -> None:
     """One connection from client_pod to host:port in server_pod: `send` bytes up, `reply` back."""
-    ready = os.path.join(tempfile.gettempdir(), f"podnet-ready-{uuid.uuid4().hex}")
-    server = server_pod.popen(
-        traffic_argv(
-            *("server", "--port", port, "--connections", 1, "--reply-bytes", reply, "--ready-file", ready)
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    ready = ready_path()
+    argv = server_argv(port, 1, reply, ready)
+    server = server_pod.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_file(ready, proc=server)
     client = client_pod.popen(
-        traffic_argv(
-            *("client", "--host", host, "--port", port, "--connections", 1),
-            *("--send-bytes", send, "--expect-bytes", reply),
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        client_argv(host, port, 1, send, reply), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert finish(client)["failed"] == 0
     finish(server)

@@ -8,14 +8,13 @@ import errno
 import os
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from podsim import SimCluster, traffic_argv, wait_for_file
+from podsim import SimCluster, client_argv, ready_path, server_argv, wait_for_file
 
 from exporter.bpf_structs import ROLES, SockInfo
 from exporter.bpfstats import prog_run_stats
@@ -141,42 +140,13 @@ def host_exchange(cluster: SimCluster, name: str, port: int, hosts: list[str], s
     """In a new host cgroup: a server on `port`, and one client connection to each of
     `hosts` (loopback addresses) sending `send` bytes for `reply`. Returns the cgroup id."""
     cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-{name}.service")
-    ready = os.path.join(tempfile.gettempdir(), f"{cluster.tag}-{name}-ready")
-    server = cluster.cgroup_popen(
-        cg_dir,
-        traffic_argv(
-            "server",
-            "--port",
-            port,
-            "--connections",
-            len(hosts),
-            "--reply-bytes",
-            reply,
-            "--ready-file",
-            ready,
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    ready = ready_path()
+    argv = server_argv(port, len(hosts), reply, ready)
+    server = cluster.cgroup_popen(cg_dir, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_file(ready, proc=server)
     for host in hosts:
-        client = cluster.cgroup_popen(
-            cg_dir,
-            traffic_argv(
-                "client",
-                "--host",
-                host,
-                "--port",
-                port,
-                "--connections",
-                1,
-                "--send-bytes",
-                send,
-                "--expect-bytes",
-                reply,
-            ),
-            stdout=subprocess.DEVNULL,
-        )
+        argv = client_argv(host, port, 1, send, reply)
+        client = cluster.cgroup_popen(cg_dir, argv, stdout=subprocess.DEVNULL)
         assert client.wait(30) == 0
     assert server.wait(30) == 0
     return cg_id

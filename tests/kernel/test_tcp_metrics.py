@@ -4,25 +4,27 @@ exporter (a child process, scraped over HTTP) must report exactly that."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from exporter_proc import ExporterProcess, Scrape
 from kernel_maps import cgroups_in_maps
-from podsim import SimCluster, SimPod, traffic_argv, wait_for_file
+from podsim import (
+    SimCluster,
+    SimPod,
+    client_argv,
+    full_labels,
+    ready_path,
+    server_argv,
+    traffic_argv,
+    wait_for_file,
+)
 
 HERE = Path(__file__).resolve().parent
 ACTIONS = str(HERE / "tcp_actions.py")
-
-
-def ready_path() -> str:
-    return os.path.join(tempfile.gettempdir(), f"podnet-ready-{uuid.uuid4().hex}")
 
 
 def actions(*args: object) -> list[str]:
@@ -39,23 +41,8 @@ def serve(
     pod: SimPod, port: int, connections: int, reply: int = 0, mode: str = "sink"
 ) -> subprocess.Popen[bytes]:
     ready = ready_path()
-    p = pod.popen(
-        traffic_argv(
-            "server",
-            "--port",
-            port,
-            "--connections",
-            connections,
-            "--reply-bytes",
-            reply,
-            "--mode",
-            mode,
-            "--ready-file",
-            ready,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    argv = server_argv(port, connections, reply, ready, mode)
+    p = pod.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_file(ready, proc=p)
     return p
 
@@ -66,36 +53,11 @@ def run_json(pod: SimPod, argv: list[str]) -> dict[str, object]:
 
 
 def client(pod: SimPod, host: str, port: int, connections: int, send: int, expect: int) -> dict[str, object]:
-    return run_json(
-        pod,
-        traffic_argv(
-            "client",
-            "--host",
-            host,
-            "--port",
-            port,
-            "--connections",
-            connections,
-            "--send-bytes",
-            send,
-            "--expect-bytes",
-            expect,
-        ),
-    )
+    return run_json(pod, client_argv(host, port, connections, send, expect))
 
 
 def pod_labels(pod: SimPod) -> dict[str, str]:
     return {"namespace": pod.namespace, "pod": pod.name}
-
-
-def full_labels(pod: SimPod) -> dict[str, str]:
-    return {
-        "namespace": pod.namespace,
-        "pod": pod.name,
-        "container": pod.container_name,
-        "workload": pod.workload,
-        "workload_kind": pod.workload_kind,
-    }
 
 
 def netns_run(pod: SimPod, command: str) -> None:

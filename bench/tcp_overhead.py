@@ -5,11 +5,12 @@ same machine). Reports the median of per-pair ratios and each program's ns per e
 from the kernel's bpf_stats.
 
     .venv/bin/python bench/tcp_overhead.py [--pairs N] [--seconds S] [--json OUT]
-        [--configs full,no-requests,floor]
+        [--configs full,turns,no-requests,floor]
 
 Configurations ("with" side of each pair):
-  full         podnet-exporter run, default settings (requests tracked);
-  no-requests  podnet-exporter run --no-requests (the TCP data plane alone);
+  full         podnet-exporter run, default settings (requests tracked, HTTP recognised);
+  turns        podnet-exporter run --requests turns (requests tracked, payloads not read);
+  no-requests  podnet-exporter run --requests off (the TCP data plane alone);
   floor        no exporter: empty programs on the hot path's two tracepoints
                (bench/empty.bpf.c, loaded as podnet loads its own): the cost of the hooks
                themselves, which no program body can go below.
@@ -198,12 +199,17 @@ class EmptyPrograms:
         self._links = []
 
 
-CONFIGS: dict[str, tuple[str, ...]] = {"full": (), "no-requests": ("--no-requests",)}
-BUILDS: dict[str, dict[str, bool]] = {
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "turns": ("--requests", "turns"),
+    "no-requests": ("--requests", "off"),
+}
+BUILDS: dict[str, dict[str, Any]] = {
     "full": {},
-    "no-requests": {"requests": False},
+    "turns": {"requests": "turns"},
+    "no-requests": {"requests": "off"},
     "raw": {"tp_btf": False},
-    "raw no-requests": {"tp_btf": False, "requests": False},
+    "raw no-requests": {"tp_btf": False, "requests": "off"},
 }
 
 
@@ -214,7 +220,7 @@ class LoadedBuild:
 
     HOT = ("sock_send_length", "sock_recv_length")
 
-    def __init__(self, requests: bool = True, tp_btf: bool = True, only_hot_path: bool = False) -> None:
+    def __init__(self, requests: str = "http", tp_btf: bool = True, only_hot_path: bool = False) -> None:
         sys.path.insert(0, str(REPO))
         from exporter.btf import Btf
         from exporter.offsets import resolve_offsets
@@ -362,7 +368,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown configuration {sorted(unknown)[0]}; choose from {', '.join([*BUILDS, 'floor'])}")
     if a.method == "process" and set(a.configs) - {*CONFIGS, "floor"}:
-        ap.error("--method process measures full, no-requests and floor only")
+        ap.error("--method process measures full, turns, no-requests and floor only")
     report: dict[str, object] = {
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),

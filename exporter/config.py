@@ -63,6 +63,7 @@ _OTLP_TEMPORALITIES: Final = ("cumulative", "delta")
 _OTEL_TEMPORALITIES: Final = ("cumulative", "delta", "lowmemory")
 _DEFAULT_OTLP_TEMPORALITY: Final = "cumulative"
 _OTEL_COMPRESSIONS: Final = ("gzip", "none")
+REQUEST_MODES: Final = ("http", "turns", "off")
 
 # Config file keys. Each names a flag ("--" + key with "_" -> "-"; keys under otlp get "--otlp-"), except
 # the otlp section itself.
@@ -76,7 +77,7 @@ _TOP_KEYS: Final = (
     "max_series",
     "map_entries",
     "histogram_scale",
-    "no_requests",
+    "requests",
     "cluster_name",
     "kube_api",
     "kube_token_file",
@@ -161,9 +162,11 @@ class Config:
     config_file: str | None
     kube: KubeConfig | None = None
     """The Kubernetes API pod metadata source; None when pods come from --pods-file or nowhere."""
-    no_requests: bool = False
-    """Build the hot path without request tracking: no clock read and no payload peek per
-    send/recv, and no podnet_request* metrics."""
+    requests: str = "http"
+    """Request tracking, one of REQUEST_MODES: "http" counts requests and recognises HTTP/1.x
+    from their first bytes; "turns" counts them without reading any payload (protocol
+    "other"); "off" builds the hot path without request tracking (no clock read per
+    send/recv, no podnet_request* metrics)."""
 
 
 @dataclass(frozen=True)
@@ -253,12 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "{0,1,2}",
         f"latency histogram resolution (default {_DEFAULT_HISTOGRAM_SCALE})",
     )
-    run.add_argument(
-        "--no-requests",
-        action="store_true",
-        default=None,
-        help="do not track requests (podnet_requests_total, podnet_request_duration_seconds): "
-        "the cheapest data path [env PODNET_NO_REQUESTS=true]",
+    _add(
+        run,
+        "--requests",
+        "http|turns|off",
+        "request tracking: http (counted, HTTP/1.x recognised), turns (counted, payload never "
+        "read), off (the cheapest data path) (default http)",
     )
     _add(run, "--cluster-name", "NAME", "cluster name to attach to metrics (default: none)")
     _add(run, "--otlp-endpoint", "URL", "push metrics over OTLP to this URL (default: OTLP off)")
@@ -443,6 +446,19 @@ def _choice(given: _Given, choices: Sequence[str]) -> str:
     if text not in choices:
         raise given.error(problem)
     return text
+
+
+def _request_mode(given: _Given) -> str:
+    # A boolean (YAML true/false, PODNET_REQUESTS=false) reads as http / off.
+    value = given.value
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value in REQUEST_MODES:
+            return value
+        value = True if value in _TRUE else False if value in _FALSE else value
+    if isinstance(value, bool):
+        return "http" if value else "off"
+    raise given.error("must be " + ", ".join(REQUEST_MODES[:-1]) + " or " + REQUEST_MODES[-1])
 
 
 def _boolean(given: _Given) -> bool:
@@ -763,7 +779,7 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         otlp=_otlp(sources, environ),
         config_file=config_file,
         kube=_kube(sources, environ),
-        no_requests=_parsed(sources.get("no_requests"), _boolean, False),
+        requests=_parsed(sources.get("requests"), _request_mode, "http"),
     )
 
 

@@ -136,10 +136,18 @@ class Variant:
         return ", ".join(parts)
 
 
-def variants(spec: ProgramSpec, requests: bool = True) -> list[Variant]:
+_REQUEST_BUILDS: dict[str, list[tuple[str, ...]]] = {
     # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the program
     # then loads without HTTP recognition instead of not at all.
-    peek: list[tuple[str, ...]] = [(), ("-DPODNET_NO_PEEK",)] if requests else [("-DPODNET_NO_REQUESTS",)]
+    "http": [(), ("-DPODNET_NO_PEEK",)],
+    "turns": [("-DPODNET_NO_PEEK",)],
+    "off": [("-DPODNET_NO_REQUESTS",)],
+}
+
+
+def variants(spec: ProgramSpec, requests: str = "http") -> list[Variant]:
+    """`requests` is a Config.requests mode: http, turns or off."""
+    peek = _REQUEST_BUILDS[requests]
     out = [Variant(("-DPODNET_TP_BTF", *p), tp_btf=True) for p in peek] if spec.btf_typed else []
     return out + [Variant(p) for p in peek]
 
@@ -418,11 +426,12 @@ def load_programs(
     sizes: MapSizes,
     specs: Sequence[ProgramSpec] = PROGRAMS,
     debug: int = 0,
-    requests: bool = True,
+    requests: str = "http",
     tp_btf: bool = True,
 ) -> LoadedPrograms:
-    """`requests=False` builds the hot path without request tracking (no clock read, no
-    payload peek per event); `tp_btf=False` forces the raw-tracepoint build."""
+    """`requests` is a Config.requests mode: "turns" builds the hot path without reading
+    payloads, "off" without request tracking (no clock read per event); `tp_btf=False`
+    forces the raw-tracepoint build."""
     from bcc import BPF  # imported late: `doctor` must work where BCC is missing
 
     loaded = LoadedPrograms()

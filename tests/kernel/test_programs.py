@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from podsim import SimCluster, client_argv, ready_path, server_argv, wait_for_file
 
-from exporter.bpf_structs import ROLES, SockInfo
+from exporter.bpf_structs import HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES, SockInfo
 from exporter.bpfstats import prog_run_stats
 from exporter.btf import Btf
 from exporter.cgroups import find_cgroup2_mount
@@ -26,6 +27,7 @@ from exporter.programs import LoadedPrograms, MapSizes, load_programs
 
 V4_LOOPBACK = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
 ROLE_SERVER, ROLE_CLIENT = ROLES.index("server"), ROLES.index("client")
+HTTP_ACTIONS = str(Path(__file__).resolve().parent / "http_actions.py")
 
 
 class HidingBtf:
@@ -51,12 +53,15 @@ def btf() -> Btf:
 
 
 # How the hot path can be built: BTF-typed tracepoints (preferred), raw tracepoints (kernels
-# without tp_btf), and either without request tracking.
-BUILDS = {
+# without tp_btf), and either without reading payloads (requests "turns") or without request
+# tracking (requests "off").
+BUILDS: dict[str, dict[str, object]] = {
     "tp_btf": {},
     "raw": {"tp_btf": False},
-    "tp_btf-no-requests": {"requests": False},
-    "raw-no-requests": {"tp_btf": False, "requests": False},
+    "tp_btf-turns": {"requests": "turns"},
+    "raw-turns": {"tp_btf": False, "requests": "turns"},
+    "tp_btf-no-requests": {"requests": "off"},
+    "raw-no-requests": {"tp_btf": False, "requests": "off"},
 }
 
 
@@ -73,6 +78,7 @@ def load(
         how = progs.builds["tcp_traffic"]
         assert how.startswith("BTF-typed" if build.startswith("tp_btf") else "raw"), how
         assert ("requests off" in how) == build.endswith("no-requests"), how
+        assert ("without HTTP recognition" in how) == build.endswith("turns"), how
     return progs
 
 
@@ -167,6 +173,45 @@ def test_every_build_counts_bytes_and_requests_exactly(btf: Btf, cluster: SimClu
             counts[labels[0]] = counts.get(labels[0], 0) + sum(n for n, _ in slots.values())
         # One request per connection, seen by the server and by the client.
         assert counts == ({} if build.endswith("no-requests") else {ROLE_SERVER: 6, ROLE_CLIENT: 6})
+    finally:
+        progs.close()
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_build_reads_http_only_when_asked(btf: Btf, cluster: SimCluster, build: str) -> None:
+    # 3 connections x 4 keep-alive POSTs answered 404: recognised as HTTP by the default
+    # builds; counted alike, as protocol "other" with no method or status, by "turns".
+    progs = load(btf, build=build)
+    try:
+        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-http-{build}.service")
+        port, ready = free_port(), ready_path()
+        server = cluster.cgroup_popen(
+            cg_dir, [sys.executable, HTTP_ACTIONS, "server", "--port", str(port), "--ready-file", ready]
+        )
+        try:
+            wait_for_file(ready, proc=server)
+            argv = ["client", "--host", "127.0.0.1", "--port", str(port), "--connections", "3"]
+            argv += ["--requests", "4", "--method", "POST", "--path", "/status/404"]
+            client = cluster.cgroup_popen(
+                cg_dir, [sys.executable, HTTP_ACTIONS, *argv], stdout=subprocess.DEVNULL
+            )
+            assert client.wait(30) == 0
+        finally:
+            server.kill()
+            server.wait()
+        requests = MapReader(progs).read().requests.get(cg_id, {})
+        counts = {
+            (ROLES[role], PROTOCOLS[proto], HTTP_METHODS[method], STATUS_CLASSES[status]): sum(
+                n for n, _ in slots.values()
+            )
+            for (role, proto, method, status), slots in requests.items()
+        }
+        if build.endswith("no-requests"):
+            assert counts == {}
+        elif build.endswith("turns"):
+            assert counts == {("server", "other", "", ""): 12, ("client", "other", "", ""): 12}
+        else:
+            assert counts == {("server", "http", "POST", "4xx"): 12, ("client", "http", "POST", "4xx"): 12}
     finally:
         progs.close()
 

@@ -920,22 +920,28 @@ def test_resolve_returns_config_or_raises_config_error(
 @pytest.mark.parametrize(
     ("argv", "env", "file", "expected"),
     [
-        ((), {}, None, False),
-        (("--no-requests",), {}, None, True),
-        ((), {"PODNET_NO_REQUESTS": "true"}, None, True),
-        ((), {"PODNET_NO_REQUESTS": "no"}, None, False),
-        ((), {}, "no_requests: true\n", True),
-        (("--no-requests",), {"PODNET_NO_REQUESTS": "false"}, None, True),
+        ((), {}, None, "http"),
+        (("--requests", "turns"), {}, None, "turns"),
+        (("--requests", "OFF"), {}, None, "off"),
+        ((), {"PODNET_REQUESTS": "turns"}, None, "turns"),
+        ((), {"PODNET_REQUESTS": "false"}, None, "off"),
+        ((), {"PODNET_REQUESTS": "yes"}, None, "http"),
+        ((), {}, "requests: false\n", "off"),
+        ((), {}, "requests: true\n", "http"),
+        ((), {}, "requests: turns\n", "turns"),
+        (("--requests", "http"), {"PODNET_REQUESTS": "off"}, None, "http"),
     ],
 )
-def test_no_requests_sources(
-    write_config: WriteConfig, argv: tuple[str, ...], env: dict[str, str], file: str | None, expected: bool
+def test_requests_sources(
+    write_config: WriteConfig, argv: tuple[str, ...], env: dict[str, str], file: str | None, expected: str
 ) -> None:
     extra = ("--config", str(write_config(file))) if file else ()
-    assert run(*argv, *extra, env=env).no_requests is expected
+    assert run(*argv, *extra, env=env).requests == expected
 
 
-def test_bad_no_requests_is_one_line() -> None:
-    message = error_of(env={"PODNET_NO_REQUESTS": "maybe"})
+@pytest.mark.parametrize("value", ["maybe", "peek", ""])
+def test_bad_requests_mode_is_one_line(value: str) -> None:
+    message = error_of(env={"PODNET_REQUESTS": value}) if value else error_of("--requests", "2")
     assert_one_line(message)
-    assert "PODNET_NO_REQUESTS" in message and "true or false" in message
+    assert "PODNET_REQUESTS" in message or "--requests" in message
+    assert "must be http, turns or off" in message

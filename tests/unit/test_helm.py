@@ -205,6 +205,7 @@ def test_schema_and_values_list_the_same_keys(chart: helm.Chart) -> None:
         ({"config": {"histogramScale": 3}}, "at '/config/histogramScale': value must be one of 0, 1, 2"),
         ({"config": {"mapEntries": 100}}, "at '/config/mapEntries': minimum"),
         ({"config": {"logLevel": "verbose"}}, "at '/config/logLevel'"),
+        ({"config": {"requests": "peek"}}, "at '/config/requests': value must be one of 'http', 'turns'"),
         ({"config": {"cgroupRoot": "sys/fs/cgroup"}}, "at '/config/cgroupRoot'"),
         ({"image": {"pullPolicy": "always"}}, "at '/image/pullPolicy'"),
         ({"image": {"digest": "abc"}}, "at '/image/digest'"),
@@ -442,11 +443,16 @@ def test_default_config_is_accepted_by_the_exporter(chart: helm.Chart, tmp_path:
     assert cfg.node_name == "node-a"
     assert cfg.cluster_name == "" and cfg.otlp is None
     assert cfg.pods_file is None  # the Kubernetes API, not a file
-    assert cfg.no_requests is False
+    assert cfg.requests == "http"
 
 
-def test_requests_can_be_switched_off(chart: helm.Chart, tmp_path: Path) -> None:
-    assert resolved(render(chart, {"config": {"requests": False}}), tmp_path).no_requests is True
+@pytest.mark.parametrize(
+    ("value", "mode"), [("turns", "turns"), ("off", "off"), (False, "off"), (True, "http"), ("http", "http")]
+)
+def test_request_tracking_modes_reach_the_exporter(
+    chart: helm.Chart, tmp_path: Path, value: object, mode: str
+) -> None:
+    assert resolved(render(chart, {"config": {"requests": value}}), tmp_path).requests == mode
 
 
 def test_settings_reach_the_exporter(chart: helm.Chart, tmp_path: Path) -> None:

@@ -18,9 +18,16 @@ def test_hot_path_prefers_tp_btf_then_falls_back_to_raw_tracepoints() -> None:
 
 
 def test_without_requests_nothing_peeks() -> None:
-    assert variants(TRAFFIC, requests=False) == [
+    assert variants(TRAFFIC, requests="off") == [
         Variant(("-DPODNET_TP_BTF", "-DPODNET_NO_REQUESTS"), tp_btf=True),
         Variant(("-DPODNET_NO_REQUESTS",)),
+    ]
+
+
+def test_turns_count_requests_without_reading_payloads() -> None:
+    assert variants(TRAFFIC, requests="turns") == [
+        Variant(("-DPODNET_TP_BTF", "-DPODNET_NO_PEEK"), tp_btf=True),
+        Variant(("-DPODNET_NO_PEEK",)),
     ]
 
 
@@ -36,4 +43,4 @@ def test_builds_are_described_for_logs_and_doctor() -> None:
         "raw tracepoints",
         "raw tracepoints, requests without HTTP recognition",
     ]
-    assert variants(TRAFFIC, requests=False)[0].describe() == "BTF-typed tracepoints, requests off"
+    assert variants(TRAFFIC, requests="off")[0].describe() == "BTF-typed tracepoints, requests off"

@@ -33,6 +33,7 @@ bench: setup-test
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk gcc >/dev/null
 	$(PY) bench/tcp_overhead.py --pairs 41 --seconds 1
 	$(PY) bench/tcp_overhead.py --skip-pingpong --wrk 1,2 --pairs 41 --seconds 1 --skip-costs
+	$(PY) bench/tcp_overhead.py --skip-pingpong --pin --wrk 1,8 --pairs 41 --seconds 1 --skip-costs
 	$(PY) bench/event_cost.py
 	$(PY) bench/scale.py
 

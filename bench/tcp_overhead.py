@@ -107,8 +107,12 @@ def pingpong_workload(binary: str, seconds: float) -> Callable[[], float]:
     return run
 
 
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
 class Nginx:
-    def __init__(self) -> None:
+    def __init__(self, cpu: int | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="podnet-bench-nginx-")
         self.port = free_port()
         Path(self.dir, "index.html").write_bytes(b"x" * 1024)
@@ -126,7 +130,7 @@ http {{
 """
         Path(self.dir, "nginx.conf").write_text(conf)
         self.proc = subprocess.Popen(
-            ["nginx", "-c", f"{self.dir}/nginx.conf", "-p", self.dir],
+            pinned(cpu, ["nginx", "-c", f"{self.dir}/nginx.conf", "-p", self.dir]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -145,16 +149,21 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def wrk_workload(port: int, seconds: float, threads: int = 2, connections: int = 4) -> Callable[[], float]:
+def wrk_workload(
+    port: int, seconds: float, threads: int = 2, connections: int = 4, cpu: int | None = None
+) -> Callable[[], float]:
     def run() -> float:
         out = subprocess.run(
-            [
-                "wrk",
-                f"-t{threads}",
-                f"-c{connections}",
-                f"-d{max(1, round(seconds))}s",
-                f"http://127.0.0.1:{port}/index.html",
-            ],
+            pinned(
+                cpu,
+                [
+                    "wrk",
+                    f"-t{threads}",
+                    f"-c{connections}",
+                    f"-d{max(1, round(seconds))}s",
+                    f"http://127.0.0.1:{port}/index.html",
+                ],
+            ),
             check=True,
             capture_output=True,
             text=True,
@@ -347,7 +356,7 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=5.0)
     ap.add_argument("--json", default="")
     ap.add_argument("--skip-http", action="store_true")
-    ap.add_argument("--configs", default="full,no-requests,floor", type=lambda v: v.split(","))
+    ap.add_argument("--configs", default="full,turns,no-requests,floor", type=lambda v: v.split(","))
     ap.add_argument(
         "--method",
         choices=("inproc", "process"),
@@ -363,6 +372,12 @@ def main() -> int:
         type=lambda v: tuple(int(x) for x in v.split(",")),
         help="wrk threads,connections (default 2,4; 1,2 leaves each side a CPU: steadier)",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="nginx on CPU 0, wrk on CPU 1: with enough connections both stay busy, and "
+        "no thread migrates between them (steadier than unpinned saturation)",
+    )
     a = ap.parse_args()
     unknown = set(a.configs) - {*BUILDS, "floor"}
     if unknown:
@@ -375,6 +390,8 @@ def main() -> int:
         "pairs": a.pairs,
         "seconds": a.seconds,
         "poll_interval": a.poll,
+        "wrk": list(a.wrk),
+        "pinned": a.pin,
     }
     subjects: dict[str, Any] = {}
     if "floor" in a.configs:
@@ -390,11 +407,12 @@ def main() -> int:
         if shutil.which("nginx") is None or shutil.which("wrk") is None:
             print("http: skipped (apt-get install nginx-light wrk)")
         else:
-            nginx = Nginx()
+            nginx = Nginx(0 if a.pin else None)
             try:
                 t, c = a.wrk
-                print(f"http: nginx 1 KiB keep-alive, wrk {t} threads {c} connections")
-                wl = wrk_workload(nginx.port, a.seconds, t, c)
+                where = ", nginx on CPU 0, wrk on CPU 1" if a.pin else ""
+                print(f"http: nginx 1 KiB keep-alive, wrk {t} threads {c} connections{where}")
+                wl = wrk_workload(nginx.port, a.seconds, t, c, 1 if a.pin else None)
                 report["http"] = run_workload(wl, a, subjects)
             finally:
                 nginx.stop()

@@ -38,7 +38,10 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exporter.config import RequestMode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,7 +232,9 @@ class LoadedBuild:
 
     HOT = ("sock_send_length", "sock_recv_length")
 
-    def __init__(self, requests: str = "http", tp_btf: bool = True, only_hot_path: bool = False) -> None:
+    def __init__(
+        self, requests: RequestMode = "http", tp_btf: bool = True, only_hot_path: bool = False
+    ) -> None:
         sys.path.insert(0, str(REPO))
         from exporter.btf import Btf
         from exporter.offsets import resolve_offsets

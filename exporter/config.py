@@ -24,7 +24,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, NoReturn, TypeVar
+from typing import Final, Literal, NoReturn, TypeVar, get_args
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
@@ -63,7 +63,8 @@ _OTLP_TEMPORALITIES: Final = ("cumulative", "delta")
 _OTEL_TEMPORALITIES: Final = ("cumulative", "delta", "lowmemory")
 _DEFAULT_OTLP_TEMPORALITY: Final = "cumulative"
 _OTEL_COMPRESSIONS: Final = ("gzip", "none")
-REQUEST_MODES: Final = ("http", "turns", "off")
+RequestMode = Literal["http", "turns", "off"]
+REQUEST_MODES: Final[tuple[RequestMode, ...]] = get_args(RequestMode)
 
 # Config file keys. Each names a flag ("--" + key with "_" -> "-"; keys under otlp get "--otlp-"), except
 # the otlp section itself.
@@ -162,8 +163,8 @@ class Config:
     config_file: str | None
     kube: KubeConfig | None = None
     """The Kubernetes API pod metadata source; None when pods come from --pods-file or nowhere."""
-    requests: str = "http"
-    """Request tracking, one of REQUEST_MODES: "http" counts requests and recognises HTTP/1.x
+    requests: RequestMode = "http"
+    """Request tracking: "http" counts requests and recognises HTTP/1.x
     from their first bytes; "turns" counts them without reading any payload (protocol
     "other"); "off" builds the hot path without request tracking (no clock read per
     send/recv, no podnet_request* metrics)."""
@@ -448,13 +449,14 @@ def _choice(given: _Given, choices: Sequence[str]) -> str:
     return text
 
 
-def _request_mode(given: _Given) -> str:
+def _request_mode(given: _Given) -> RequestMode:
     # A boolean (YAML true/false, PODNET_REQUESTS=false) reads as http / off.
     value = given.value
     if isinstance(value, str):
         value = value.strip().lower()
-        if value in REQUEST_MODES:
-            return value
+        for mode in REQUEST_MODES:
+            if value == mode:
+                return mode
         value = True if value in _TRUE else False if value in _FALSE else value
     if isinstance(value, bool):
         return "http" if value else "off"

@@ -27,6 +27,7 @@ from typing import Any
 from exporter.bpf_structs import MAP_TYPES
 from exporter.bpf_syscall import BpfSyscallError, attach_map_iter, attach_tp_btf, load_iter, load_tp_btf
 from exporter.btf import Btf
+from exporter.config import RequestMode
 from exporter.offsets import Offsets
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Variant:
         return ", ".join(parts)
 
 
-_REQUEST_BUILDS: dict[str, list[tuple[str, ...]]] = {
+_REQUEST_BUILDS: dict[RequestMode, list[tuple[str, ...]]] = {
     # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the program
     # then loads without HTTP recognition instead of not at all.
     "http": [(), ("-DPODNET_NO_PEEK",)],
@@ -145,8 +146,7 @@ _REQUEST_BUILDS: dict[str, list[tuple[str, ...]]] = {
 }
 
 
-def variants(spec: ProgramSpec, requests: str = "http") -> list[Variant]:
-    """`requests` is a Config.requests mode: http, turns or off."""
+def variants(spec: ProgramSpec, requests: RequestMode = "http") -> list[Variant]:
     peek = _REQUEST_BUILDS[requests]
     out = [Variant(("-DPODNET_TP_BTF", *p), tp_btf=True) for p in peek] if spec.btf_typed else []
     return out + [Variant(p) for p in peek]
@@ -426,7 +426,7 @@ def load_programs(
     sizes: MapSizes,
     specs: Sequence[ProgramSpec] = PROGRAMS,
     debug: int = 0,
-    requests: str = "http",
+    requests: RequestMode = "http",
     tp_btf: bool = True,
 ) -> LoadedPrograms:
     """`requests` is a Config.requests mode: "turns" builds the hot path without reading

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from background_app import HOST, BackgroundApp
 
-HOST = "127.0.0.1"
 PODS_PATH = "/api/v1/pods"
 
 
@@ -184,10 +184,7 @@ class FakeKubeApi:
         self._floor = self._rv  # events at or below this resourceVersion are gone from the history
         self._requests: list[Recorded] = []
         self._watchers: set[_Watcher] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-kube-api", daemon=True)
-        self._thread.start()
-        self._runner: web.AppRunner | None = None
+        self._app = BackgroundApp("fake-kube-api", self.port, ssl_context)
         self.come_up()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -199,44 +196,29 @@ class FakeKubeApi:
 
     @property
     def is_up(self) -> bool:
-        return self._runner is not None
-
-    def _call(self, coro: Any, timeout: float = 10) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._app.is_up
 
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_get(PODS_PATH, self._handle)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, HOST, self.port, reuse_address=True, ssl_context=self.ssl_context)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        await self._app.serve(app, handler_cancellation=True, shutdown_timeout=0.5)
 
     async def _stop(self) -> None:
         await self._drop(mid_line=False)
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        await self._app.unserve()
 
     def come_up(self) -> None:
         """Listen (again) on the same port."""
-        if self._runner is None:
-            self._call(self._start())
+        if not self._app.is_up:
+            self._app.call(self._start())
 
     def go_down(self) -> None:
         """Cut every connection and close the port: new connections are refused."""
-        self._call(self._stop())
+        self._app.call(self._stop())
 
     def close(self) -> None:
         self.go_down()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._app.close()
 
     def __enter__(self) -> FakeKubeApi:
         return self
@@ -260,7 +242,7 @@ class FakeKubeApi:
             for w in self._watchers:
                 w.wake.set()
 
-        self._loop.call_soon_threadsafe(wake)
+        self._app.loop.call_soon_threadsafe(wake)
 
     def add_pod(self, pod: Mapping[str, Any]) -> int:
         """Create a pod (any dict with metadata.uid, malformed or not); returns its resourceVersion."""
@@ -325,7 +307,7 @@ class FakeKubeApi:
         """Cut the open watch connections without ending their HTTP response, optionally after half
         an event; returns how many were cut."""
         n = len(self._watchers)
-        self._call(self._drop(mid_line))
+        self._app.call(self._drop(mid_line))
         return n
 
     def bookmark(self) -> None:
@@ -342,7 +324,7 @@ class FakeKubeApi:
                 w.controls.append(control)
                 w.wake.set()
 
-        self._loop.call_soon_threadsafe(send)
+        self._app.loop.call_soon_threadsafe(send)
 
     # ---- introspection (any thread) -----------------------------------------------------------------
 

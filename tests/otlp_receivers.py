@@ -21,14 +21,13 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from background_app import HOST, BackgroundApp
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-
-HOST = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -255,10 +254,7 @@ class HttpReceiver(_Store):
         self.port = port or free_port()
         self.encodings: list[str] = []
         """Content-Encoding of every accepted request ("" when none)."""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-http-receiver", daemon=True)
-        self._thread.start()
-        self._runner: web.AppRunner | None = None
+        self._app = BackgroundApp("otlp-http-receiver", self.port)
         self.start()
 
     @property
@@ -290,44 +286,22 @@ class HttpReceiver(_Store):
             body=ExportMetricsServiceResponse().SerializeToString(), content_type="application/x-protobuf"
         )
 
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/metrics", self._handle)
-        # The body is decompressed here, so that a test sees whether the sender compressed it.
-        runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-        await runner.setup()
-        site = web.TCPSite(runner, HOST, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-
-    async def _stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def _call(self, coro: Any) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
-
     def start(self) -> None:
-        if self._runner is None:
-            self._call(self._start())
+        if not self._app.is_up:
+            app = web.Application()
+            app.router.add_post("/v1/metrics", self._handle)
+            # The body is decompressed here, so that a test sees whether the sender compressed it.
+            self._app.call(self._app.serve(app, auto_decompress=False))
 
     def stop(self) -> None:
-        self._call(self._stop())
+        self._app.call(self._app.unserve())
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
     def close(self) -> None:
-        self.stop()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._app.close()
 
     def __enter__(self) -> HttpReceiver:
         return self

@@ -68,6 +68,8 @@ class ProgramSpec:
     socket_iterator: tuple[str, str] | None = None
     """(function, socket-storage map) of the tp_btf build's iterator over live sockets:
     without it that build's byte counters could not be read, so it is required."""
+    tracks_requests: bool = False
+    """Built per Config.requests (with or without HTTP recognition, or without requests)."""
 
     @property
     def source(self) -> Path:
@@ -92,9 +94,12 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
             "podnet_tcp_received_bytes_total",
             "podnet_flow_bytes_total",
             "podnet_tcp_rtt_seconds",
+            "podnet_requests_total",
+            "podnet_request_duration_seconds",
         ),
         btf_typed=True,
         socket_iterator=("iter_tcp_sock_state", "tcp_sock_state"),
+        tracks_requests=True,
     ),
     ProgramSpec(
         "tcp_state",
@@ -147,7 +152,7 @@ _REQUEST_BUILDS: dict[RequestMode, list[tuple[str, ...]]] = {
 
 
 def variants(spec: ProgramSpec, requests: RequestMode = "http") -> list[Variant]:
-    peek = _REQUEST_BUILDS[requests]
+    peek = _REQUEST_BUILDS[requests] if spec.tracks_requests else [()]
     out = [Variant(("-DPODNET_TP_BTF", *p), tp_btf=True) for p in peek] if spec.btf_typed else []
     return out + [Variant(p) for p in peek]
 

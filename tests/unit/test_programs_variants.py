@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from exporter.config import REQUEST_MODES
 from exporter.programs import PROGRAMS, Variant, variants
 
 TRAFFIC = next(p for p in PROGRAMS if p.name == "tcp_traffic")
@@ -31,9 +32,13 @@ def test_turns_count_requests_without_reading_payloads() -> None:
     ]
 
 
-def test_only_the_hot_path_is_btf_typed() -> None:
+def test_only_the_hot_path_is_btf_typed_and_tracks_requests() -> None:
     assert [p.name for p in PROGRAMS if p.btf_typed] == ["tcp_traffic"]
-    assert all(not v.tp_btf for v in variants(STATE))
+    assert [p.name for p in PROGRAMS if p.tracks_requests] == ["tcp_traffic"]
+    # One build whatever the request mode: nothing to describe, nothing to retry.
+    for mode in REQUEST_MODES:
+        assert variants(STATE, mode) == [Variant(())]
+        assert variants(STATE, mode)[0].describe() == "raw tracepoints"
 
 
 def test_builds_are_described_for_logs_and_doctor() -> None:

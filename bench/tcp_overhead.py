@@ -449,21 +449,12 @@ def main() -> int:
             finally:
                 nginx.stop()
 
-    def per_workload(keep: Callable[[str, Any], bool], value: Callable[[Any], Any]) -> dict[str, Any]:
-        return {
-            f"{w}/{c}": value(v)
-            for w, per in report.items()
-            if isinstance(per, dict)
-            for c, v in per.items()
-            if keep(c, v)
-        }
-
-    def has(key: str) -> Callable[[str, Any], bool]:
-        return lambda _c, v: isinstance(v, dict) and key in v
-
-    summary = per_workload(has("median_ratio"), lambda v: v["median_ratio"])
-    cpu = per_workload(has("median_cpu_per_op_ratio"), lambda v: v["median_cpu_per_op_ratio"])
-    costs = per_workload(lambda c, _v: c.endswith("ns_per_event"), lambda v: v)
+    # "workload/configuration" -> that configuration's results (or its ns per event)
+    flat = {f"{w}/{c}": v for w, per in report.items() if isinstance(per, dict) for c, v in per.items()}
+    pairs = {k: v for k, v in flat.items() if isinstance(v, dict) and "median_ratio" in v}
+    summary = {k: v["median_ratio"] for k, v in pairs.items()}
+    cpu = {k: v["median_cpu_per_op_ratio"] for k, v in pairs.items()}
+    costs = {k: v for k, v in flat.items() if k.endswith("ns_per_event")}
     medians = {"median_ratio": summary, "median_cpu_per_op_ratio": cpu, "ns_per_event": costs}
     print(json.dumps(medians, indent=2))
     if a.json:

@@ -83,12 +83,15 @@ class _IterCreateAttr(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+_MACHINE = os.uname().machine
+_NR = _NR_BPF.get(_MACHINE)
+
+
 def bpf(cmd: int, attr: ctypes.Structure) -> int:
     """bpf(2) with `attr` as the command's part of union bpf_attr; raises OSError."""
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise BpfSyscallError(f"bpf(2) syscall number unknown on {os.uname().machine}")
-    ret = int(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.sizeof(attr)))
+    if _NR is None:
+        raise BpfSyscallError(f"bpf(2) syscall number unknown on {_MACHINE}")
+    ret = int(_libc.syscall(ctypes.c_long(_NR), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.sizeof(attr)))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -145,6 +145,7 @@ class Btf:
         self._strings: tuple[dict[bytes, int], dict[bytes, list[int]]] | None = None
         self._pointer_size: int | None = None
         self._render_cache: dict[int, str] = {}
+        self._func_ids: dict[str, int | None] = {}
 
     # ----------------------------------------------------------------------------------- construction
 
@@ -271,7 +272,12 @@ class Btf:
     def func_id(self, name: str) -> int | None:
         """Id of the kernel function `name` (a FUNC type): what a BPF iterator program names
         as its attach target (bpf_iter_<target>). FUNC names are not indexed at load, so
-        this scans the types once per call (~150k for vmlinux); start-up only."""
+        this scans the types once per name (~150k for vmlinux); start-up only."""
+        if name not in self._func_ids:
+            self._func_ids[name] = self._scan_func(name)
+        return self._func_ids[name]
+
+    def _scan_func(self, name: str) -> int | None:
         wanted = set(self._name_offsets(name))
         if not wanted:
             return None

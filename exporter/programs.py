@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,14 +231,10 @@ class LoadedPrograms:
 
     def close_tp_btf(self, labels: Sequence[str]) -> None:
         for label in labels:
-            for fd in reversed(self.tp_btf.pop(label, ())):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close_link(self.tp_btf.pop(label, None))
 
     def close_socket_iterator(self, program: str) -> None:
-        for fd in reversed(self.socket_iterators.pop(program, ())):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_link(self.socket_iterators.pop(program, None))
 
     def close(self) -> None:
         """Detach everything; the kernel frees programs and maps with their last fd."""
@@ -329,17 +325,27 @@ def _headers_hint() -> str:
     return ""
 
 
+def _close_link(fds: tuple[int, int] | None) -> None:
+    """Close a (program fd, link fd) pair, link first: that detaches the program."""
+    for fd in reversed(fds or ()):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _linked(prog_fd: int, link: Callable[[int], int]) -> tuple[int, int]:
+    """(prog_fd, link(prog_fd)); the program fd is closed if linking fails."""
+    try:
+        return prog_fd, link(prog_fd)
+    except BpfSyscallError:
+        os.close(prog_fd)
+        raise
+
+
 def _attach_tp_btf(loaded: LoadedPrograms, btf: Btf, obj: Any, st: HookStatus) -> None:
     type_id = btf.tracepoint_type_id(st.hook.tracepoint)
     if type_id is None:
         raise BpfSyscallError(f"kernel has no tracepoint {st.hook.tracepoint}")
-    prog_fd = load_tp_btf(obj, st.hook.function, type_id)
-    try:
-        link_fd = attach_tp_btf(prog_fd)
-    except BpfSyscallError:
-        os.close(prog_fd)
-        raise
-    loaded.tp_btf[st.hook.label] = (prog_fd, link_fd)
+    loaded.tp_btf[st.hook.label] = _linked(load_tp_btf(obj, st.hook.function, type_id), attach_tp_btf)
 
 
 _SK_STORAGE_ITER_TARGET = "bpf_iter_bpf_sk_storage_map"
@@ -357,13 +363,9 @@ def _attach_socket_iterator(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec,
     map_fd = lib.bpf_table_fd(obj.module, map_name.encode())
     if map_fd < 0:
         raise BpfSyscallError(f"map {map_name} is not in the compiled program")
-    prog_fd = load_iter(obj, function, func_id)
-    try:
-        link_fd = attach_map_iter(prog_fd, map_fd)
-    except BpfSyscallError:
-        os.close(prog_fd)
-        raise
-    loaded.socket_iterators[spec.name] = (prog_fd, link_fd)
+    loaded.socket_iterators[spec.name] = _linked(
+        load_iter(obj, function, func_id), lambda prog_fd: attach_map_iter(prog_fd, map_fd)
+    )
 
 
 def _compile_and_attach(

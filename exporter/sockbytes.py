@@ -12,16 +12,14 @@ flow's counter never goes backwards.
 
 from __future__ import annotations
 
-import struct
+import ctypes as ct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from exporter.bpf_structs import UNTRACKED_PEER
+from exporter.bpf_structs import UNTRACKED_PEER, TcpSockRecord
 
 Flow = tuple[int, bytes]
 """(owner cgroup id, peer address as 16 bytes)"""
-
-_RECORD = struct.Struct("=QQ16sQQ")  # bpf_structs.TcpSockRecord: id, cgroup, peer, sent, received
 
 
 @dataclass(frozen=True)
@@ -34,11 +32,8 @@ class SocketTotals:
 
 def decode_records(data: bytes) -> list[SocketTotals]:
     """iter_tcp_sock_state's output: one fixed-size record per live socket."""
-    usable = len(data) - len(data) % _RECORD.size
-    return [
-        SocketTotals(sid, (cg, peer), sent, received)
-        for sid, cg, peer, sent, received in _RECORD.iter_unpack(memoryview(data)[:usable])
-    ]
+    records = (TcpSockRecord * (len(data) // ct.sizeof(TcpSockRecord))).from_buffer_copy(data)
+    return [SocketTotals(r.id, (r.flow.cgroup_id, bytes(r.flow.peer)), r.sent, r.received) for r in records]
 
 
 class SocketBytes:

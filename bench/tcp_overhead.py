@@ -190,8 +190,13 @@ class EmptyPrograms:
 
         from exporter.bpf_syscall import load_tp_btf
         from exporter.btf import Btf
+        from exporter.kernel_headers import find_tree
 
         btf = Btf.load()
+        headers = find_tree()
+        if not headers.ok:
+            raise SystemExit(headers.reason)
+        headers.use()
         self._bpf = BPF(src_file=str(REPO / "bench/empty.bpf.c").encode(), cflags=["-w"])
         self._progs = []
         for tp in self.HOOKS:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from exporter.btf import Btf, BtfError
 from exporter.cgroups import CgroupError
 from exporter.config import ConfigError, parse_args, resolve
+from exporter.kernel_headers import PODNET_ENV, find_tree
 from exporter.offsets import resolve_offsets
 from exporter.pods import PodsFileError
 from exporter.programs import (
@@ -43,6 +44,11 @@ def bpf_source(preprocessed: bool, out: Sequence[str] | None = None) -> int:
     """Print what the loader would compile: the offsets and flags per program, then the C."""
     btf = Btf.load()
     offsets = resolve_offsets(btf)
+    if preprocessed:  # BCC compiles: point it at a usable headers tree first, or fail in one line
+        headers = find_tree(os.environ.get(PODNET_ENV) or None)
+        if not headers.ok:
+            raise ProgramLoadError(headers.reason)
+        headers.use()
     print("// resolved kernel struct offsets (from /sys/kernel/btf/vmlinux)")
     for macro, value in sorted(offsets.values.items()):
         print(f"#define {macro} {value}")
@@ -75,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "doctor":
             from exporter import doctor
 
-            return doctor.main(resolve(ns, os.environ).cgroup_root)
+            config = resolve(ns, os.environ)
+            return doctor.main(config.cgroup_root, kernel_headers=config.kernel_headers)
         if command == "bpf-source":
             return bpf_source(ns.preprocessed)
         config = resolve(ns, os.environ)

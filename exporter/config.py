@@ -74,6 +74,7 @@ _TOP_KEYS: Final = (
     "pods_file",
     "node_name",
     "cgroup_root",
+    "kernel_headers",
     "log_level",
     "max_series",
     "map_entries",
@@ -168,6 +169,10 @@ class Config:
     from their first bytes; "turns" counts them without reading any payload (protocol
     "other"); "off" builds the hot path without request tracking (no clock read per
     send/recv, no podnet_request* metrics)."""
+    kernel_headers: str | None = None
+    """The kernel headers tree BCC compiles against; None means the first usable of
+    $BCC_KERNEL_SOURCE, podnet's own tree and /lib/modules/<release>/build
+    (exporter.kernel_headers.find_tree)."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +323,13 @@ def _add(parser: argparse.ArgumentParser, flag: str, metavar: str, help_text: st
 def _add_shared(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--config", "FILE", "YAML config file")
     _add(parser, "--cgroup-root", "PATH", "cgroup v2 mount point (default: auto-detect)")
+    _add(
+        parser,
+        "--kernel-headers",
+        "DIR",
+        "kernel headers tree for BCC (default: $BCC_KERNEL_SOURCE, podnet's own tree "
+        "/var/lib/podnet/kernel-headers, /lib/modules/$(uname -r)/build)",
+    )
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
@@ -595,6 +607,15 @@ def _cgroup_root(given: _Given) -> str:
     return path
 
 
+def _kernel_headers(given: _Given) -> str:
+    # Whether the tree is usable is left to kernel_headers.find_tree, which doctor and run report
+    # with the missing files and the fix.
+    path = _string(given, "a directory path")
+    if not path.strip():
+        raise given.error("must be a directory path, e.g. /var/lib/podnet/kernel-headers")
+    return path
+
+
 def _endpoint(given: _Given, protocol: str) -> str:
     grpc = protocol == "grpc"
     example = "http://otel-collector:4317" if grpc else "http://otel-collector:4318/v1/metrics"
@@ -782,6 +803,7 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         config_file=config_file,
         kube=_kube(sources, environ),
         requests=_parsed(sources.get("requests"), _request_mode, "http"),
+        kernel_headers=_parsed(sources.get("kernel_headers"), _kernel_headers, None),
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from exporter.btf import Btf, BtfError
 from exporter.cgroups import CgroupError, find_cgroup2_mount
+from exporter.kernel_headers import find_tree
 from exporter.offsets import resolve_offsets
 from exporter.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
 
@@ -143,16 +144,14 @@ def check_bcc() -> Check:
     return Check("BCC", True, f"bcc {v} from {Path(bcc.__file__).parent}")
 
 
-def check_headers() -> Check:
-    build = Path("/lib/modules") / os.uname().release / "build"
-    if build.exists():
-        return Check("kernel headers", True, f"{build} -> {build.resolve()}")
-    return Check(
-        "kernel headers",
-        False,
-        f"{build} missing (BCC compiles against it)",
-        "run 'make setup', or install linux-headers for this kernel and link them there",
-    )
+def check_headers(kernel_headers: str | None) -> Check:
+    """The headers tree BCC will compile against, checked before anything compiles: a tree
+    without kconfig.h or the generated headers makes libbcc crash, not fail."""
+    tree = find_tree(kernel_headers)
+    if not tree.ok:
+        return Check("kernel headers", False, tree.detail, tree.fix)
+    tree.use()  # what check_load and run compile against
+    return Check("kernel headers", True, tree.detail)
 
 
 def check_mount(name: str, path: str, fstype: str) -> Check:
@@ -168,9 +167,9 @@ def check_mount(name: str, path: str, fstype: str) -> Check:
     )
 
 
-def check_load(btf: Btf) -> Check:
+def check_load(btf: Btf, kernel_headers: str | None = None) -> Check:
     try:
-        progs = load_programs(btf, resolve_offsets(btf), MapSizes(1024))
+        progs = load_programs(btf, resolve_offsets(btf), MapSizes(1024), kernel_headers=kernel_headers)
     except ProgramLoadError as e:
         return Check("compile and attach", False, str(e), "see the checks above")
     attached = sum(h.attached for h in progs.hooks)
@@ -183,7 +182,7 @@ def check_load(btf: Btf) -> Check:
     )
 
 
-def run_checks(cgroup_root: str | None) -> list[Check]:
+def run_checks(cgroup_root: str | None, kernel_headers: str | None = None) -> list[Check]:
     checks = [check_privileges(), check_bpf_syscall()]
     btf_check, btf = check_btf()
     checks.append(btf_check)
@@ -191,17 +190,19 @@ def run_checks(cgroup_root: str | None) -> list[Check]:
     checks += [
         check_cgroup(cgroup_root),
         check_bcc(),
-        check_headers(),
+        check_headers(kernel_headers),
         check_mount("tracefs", "/sys/kernel/tracing", "tracefs"),
         check_mount("bpffs", "/sys/fs/bpf", "bpf"),
     ]
     if btf is not None and all(c.ok for c in checks if c.required):
-        checks.append(check_load(btf))
+        checks.append(check_load(btf, kernel_headers))
     return checks
 
 
-def main(cgroup_root: str | None, out: Callable[[str], None] = print) -> int:
-    checks = run_checks(cgroup_root)
+def main(
+    cgroup_root: str | None, out: Callable[[str], None] = print, kernel_headers: str | None = None
+) -> int:
+    checks = run_checks(cgroup_root, kernel_headers)
     for c in checks:
         mark = "ok" if c.ok else ("FAIL" if c.required else "warn")
         line = f"[{mark:>4}] {c.name}: {c.detail}"

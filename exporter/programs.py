@@ -28,6 +28,7 @@ from exporter.bpf_structs import MAP_TYPES
 from exporter.bpf_syscall import BpfSyscallError, attach_map_iter, attach_tp_btf, load_iter, load_tp_btf
 from exporter.btf import Btf
 from exporter.config import RequestMode
+from exporter.kernel_headers import find_tree
 from exporter.offsets import Offsets
 
 log = logging.getLogger(__name__)
@@ -319,10 +320,9 @@ def _first_error(lines: Sequence[str], exc: BaseException) -> str:
 
 
 def _headers_hint() -> str:
-    build = Path("/lib/modules") / os.uname().release / "build"
-    if not build.exists():
-        return f"; kernel headers are missing at {build}: run 'make setup' (or podnet-exporter doctor)"
-    return ""
+    # load_programs put the tree it checked in BCC_KERNEL_SOURCE (or left BCC its default).
+    headers = find_tree()
+    return f" (kernel headers: {headers.path})" if headers.ok else f"; {headers.reason}"
 
 
 def _close_link(fds: tuple[int, int] | None) -> None:
@@ -435,10 +435,17 @@ def load_programs(
     debug: int = 0,
     requests: RequestMode = "http",
     tp_btf: bool = True,
+    kernel_headers: str | None = None,
 ) -> LoadedPrograms:
     """`requests` is a Config.requests mode: "turns" builds the hot path without reading
     payloads, "off" without request tracking (no clock read per event); `tp_btf=False`
-    forces the raw-tracepoint build."""
+    forces the raw-tracepoint build. `kernel_headers` is Config.kernel_headers: BCC is
+    pointed at the first usable headers tree (kernel_headers.find_tree) before anything
+    compiles, because libbcc crashes on a tree it cannot use."""
+    headers = find_tree(kernel_headers)
+    if not headers.ok:
+        raise ProgramLoadError(headers.reason)
+    headers.use()
     from bcc import BPF  # imported late: `doctor` must work where BCC is missing
 
     loaded = LoadedPrograms()

@@ -51,7 +51,13 @@ def build_parts(config: Config) -> PollerParts:
     index.rescan()
     btf = Btf.load()
     offsets = resolve_offsets(btf)
-    programs = load_programs(btf, offsets, MapSizes(config.map_entries), requests=config.requests)
+    programs = load_programs(
+        btf,
+        offsets,
+        MapSizes(config.map_entries),
+        requests=config.requests,
+        kernel_headers=config.kernel_headers,
+    )
     attached = sum(h.attached for h in programs.hooks)
     log.info(
         "attached %d of %d eBPF programs (%s); cgroup v2 at %s; %d pods known",

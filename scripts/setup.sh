@@ -31,38 +31,37 @@ if (( ${#missing[@]} )); then
 fi
 
 # --- kernel headers for BCC ------------------------------------------------
-krel=$(uname -r)
-kdir=/lib/modules/$krel
-if [[ -e "$kdir/build" || -L "$kdir/build" ]]; then
-    say "kernel headers: $kdir/build present, left as is"
-else
-    arch=$(dpkg --print-architecture)
-    apt_update
-    # Pick the headers package nearest to the running kernel: the same version if Debian
-    # has it, else the newest release not newer than it, else the newest at all.
-    pick=$(apt-cache search --names-only "^linux-headers-[0-9].*-$arch\$" | awk '{print $1}' \
-        | grep -v -- '-rt-' | sed "s/^linux-headers-//; s/-$arch\$//" | sort -uV \
-        | python3 -c '
-import re, sys
-run = tuple(int(x) for x in re.findall(r"\d+", sys.argv[1])[:3])
-def ver(s): return tuple(int(x) for x in re.findall(r"\d+", s)[:3])
-cands = [l.strip() for l in sys.stdin if l.strip()]
-# Prefer the cloud flavour: it is what cloud VMs run and its config is closest.
-exact = [c for c in cands if c.startswith(sys.argv[1].split("-")[0] + "-")]
-older = [c for c in cands if ver(c) <= run]
-best = (exact or older or cands or [""])[-1]
-print(best)' "$krel")
-    [[ -n "$pick" ]] || die "no linux-headers package found for $arch; install headers for $krel and link them to $kdir/build"
-    flavour=$arch
-    apt-cache show "linux-headers-$pick-cloud-$arch" >/dev/null 2>&1 && flavour="cloud-$arch"
-    pkg="linux-headers-$pick-$flavour"
-    say "kernel $krel has no headers; installing nearest: $pkg"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
-    mkdir -p "$kdir"
-    ln -s "/usr/src/linux-headers-$pick-$flavour" "$kdir/build"
-    if [[ ! -e "$kdir/source" && ! -L "$kdir/source" ]]; then
-        ln -s "/usr/src/linux-headers-$pick-common" "$kdir/source"
+# podnet compiles against its own merged tree of a Debian headers pair (exporter/kernel_headers.py:
+# the -common directory with the flavour directory on top) and writes nothing under /lib/modules.
+# Only UAPI definitions and config macros come from the headers (struct layouts come from BTF), so
+# the nearest package is fine when none matches the running kernel.
+py=/usr/bin/python3
+tree=/var/lib/podnet/kernel-headers
+kh() { (cd "$here" && "$py" -m exporter.kernel_headers "$@"); }
+explicit=${PODNET_KERNEL_HEADERS:-}
+explicit_ok=0
+if [[ -n "$explicit" ]]; then
+    if kh check "$explicit" >/dev/null 2>&1; then
+        explicit_ok=1
+    else
+        say "warning: PODNET_KERNEL_HEADERS=$explicit is not a usable headers tree (doctor will fail on it)"
     fi
+fi
+if (( explicit_ok )); then
+    say "kernel headers: $explicit (PODNET_KERNEL_HEADERS) is usable, left as is"
+elif state=$(kh check "$tree" 2>&1); then
+    say "kernel headers: $state"
+else
+    say "kernel headers: ${state#*: }"
+    apt_update
+    arch=$(dpkg --print-architecture)
+    pair=$(apt-cache search --names-only '^linux-headers-' | kh choose --arch "$arch") \
+        || die "no linux-headers-<v>-$arch package with its -common package in the apt sources; install a pair by hand, then: python3 -m exporter.kernel_headers build /usr/src/linux-headers-<v>-common /usr/src/linux-headers-<v>-<flavour> $tree"
+    read -r flavour_pkg common_pkg <<<"$pair"
+    say "kernel $(uname -r): installing $flavour_pkg and $common_pkg"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$flavour_pkg" "$common_pkg" >/dev/null
+    built=$(kh build "/usr/src/$common_pkg" "/usr/src/$flavour_pkg" "$tree" 2>&1) || die "$built"
+    say "kernel headers: $built"
 fi
 
 # --- pseudo filesystems ----------------------------------------------------
@@ -70,7 +69,6 @@ mountpoint -q /sys/kernel/tracing || { say "mounting tracefs"; mount -t tracefs 
 mountpoint -q /sys/fs/bpf || { say "mounting bpffs"; mount -t bpf bpf /sys/fs/bpf; }
 
 # --- virtualenv ------------------------------------------------------------
-py=/usr/bin/python3
 if [[ ! -x "$venv/bin/python" ]]; then
     say "creating $venv"
     "$py" -m venv "$venv"
@@ -90,4 +88,16 @@ if [[ ! -f "$stamp" || "$here/pyproject.toml" -nt "$stamp" ]]; then
     touch "$stamp"
 fi
 "$venv/bin/python" -c 'import bcc, exporter' || die "venv check failed: bcc or exporter not importable"
-say "ready"
+
+# --- the exporter's own check ---------------------------------------------
+# Setup succeeds only when `run` can work: doctor compiles and attaches every program.
+rc=0
+report=$("$venv/bin/podnet-exporter" doctor 2>&1) || rc=$?
+if (( rc == 0 )); then
+    grep -E '^\[ *ok\] kernel headers|^\[warn\]' <<<"$report" | sed 's/^/setup: doctor: /' || true
+    say "ready: ${report##*$'\n'}"
+else
+    fails=$(grep -E '^\[FAIL\]' <<<"$report" || true)
+    printf '%s\n' "${fails:-$report}" | sed 's/^/setup: doctor: /' >&2
+    die "podnet-exporter doctor failed (exit $rc): fix the above, then run 'make setup' again"
+fi

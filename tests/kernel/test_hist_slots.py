@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.bpf_structs import HIST_INDEX_OFFSET, HIST_SLOTS
+from exporter.kernel_headers import find_tree
 from exporter.model import BucketLayout, slot_upper_bound
 from exporter.offsets import CORE_FIELDS
 from exporter.programs import BPF_DIR
@@ -24,6 +25,9 @@ MAX_OCTAVE = 40
 def slot_of() -> Iterator[object]:
     from bcc import BPF
 
+    headers = find_tree()
+    assert headers.ok, headers.reason
+    headers.use()
     # The probe touches no struct field: dummy offsets satisfy podnet.h.
     cflags = [f"-I{BPF_DIR}", *(f"-D{f.macro}=0" for f in CORE_FIELDS)]
     b = BPF(src_file=str(HERE / "hist_probe.bpf.c").encode(), cflags=cflags)

@@ -199,6 +199,7 @@ README_FLAGS = [
     "--node-name",
     "--config",
     "--cgroup-root",
+    "--kernel-headers",
     "--log-level",
     "--map-entries",
     "--histogram-scale",

@@ -304,6 +304,8 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("node_name", "", "must be a non-empty node name"),
     ("node_name", "two words", "without spaces"),
     ("cgroup_root", "", "must be a directory path"),
+    ("kernel_headers", "", "must be a directory path"),
+    ("kernel_headers", "  ", "must be a directory path"),
     ("log_level", "verbose", "must be one of debug, info, warning, error"),
     ("log_level", "warn", "must be one of debug, info, warning, error"),
     ("max_series", "0", "must be a whole number >= 1"),
@@ -452,6 +454,8 @@ PRECEDENCE: list[tuple[str, Raw, Raw, Raw, object, Callable[[Config], object]]] 
     ("histogram_scale", ("1", 1), ("2", 2), (0, 0), 0, lambda c: c.histogram_scale),
     ("cluster_name", ("flag", "flag"), ("env", "env"), ("file", "file"), "", lambda c: c.cluster_name),
     ("cgroup_root", ("/flag", "/flag"), ("/env", "/env"), ("/file", "/file"), None, lambda c: c.cgroup_root),
+    ("kernel_headers", ("/flag", "/flag"), ("/env", "/env"), ("/file", "/file"), None,
+     lambda c: c.kernel_headers),
     ("otlp_timeout", ("1", 1.0), ("2", 2.0), (3, 3.0), 10.0, lambda c: otlp_of(c).timeout),
     ("otlp_protocol", ("grpc", "grpc"), ("http/protobuf", "http/protobuf"), ("grpc", "grpc"), "grpc",
      lambda c: otlp_of(c).protocol),
@@ -735,6 +739,7 @@ def test_config_file_structure_errors(write_config: WriteConfig, content: str, p
         ({"pods_file": 5}, "pods_file", "must be a file path"),
         ({"node_name": 7}, "node_name", "must be a node name (a string"),
         ({"cgroup_root": False}, "cgroup_root", "must be a directory path"),
+        ({"kernel_headers": 1}, "kernel_headers", "must be a directory path"),
         ({"log_level": 1}, "log_level", "must be one of debug"),
         ({"max_series": 1.5}, "max_series", "must be a whole number >= 1"),
         ({"max_series": True}, "max_series", "must be a whole number >= 1"),
@@ -846,6 +851,13 @@ def test_doctor(tmp_path: Path, write_config: WriteConfig) -> None:
     assert command == "doctor"
     config = resolve(namespace, {"PODNET_LISTEN": "127.0.0.1:1"})
     assert (config.cgroup_root, config.log_level, config.listen_port) == (str(tmp_path), "debug", 1)
+
+
+def test_doctor_takes_kernel_headers() -> None:
+    _, namespace = parse_args(["doctor", "--kernel-headers", "/srv/headers"])
+    assert resolve(namespace, {}).kernel_headers == "/srv/headers"
+    _, namespace = parse_args(["doctor"])
+    assert resolve(namespace, {"PODNET_KERNEL_HEADERS": "/env/headers"}).kernel_headers == "/env/headers"
 
 
 def test_doctor_reports_bad_environment() -> None:

@@ -111,7 +111,7 @@ def check_tracepoints(btf: Btf | None) -> list[Check]:
                 )
             )
     if not any(c.ok for c in out):
-        out.append(Check("tracepoints", False, "no tracepoint podnet uses exists", "use Linux 5.10 or newer"))
+        out.append(Check("tracepoints", False, "no tracepoint podnet uses exists", "use Linux 5.15 or newer"))
     return out
 
 

@@ -7,6 +7,7 @@ wrong layout is silently wrong; so each field is looked up by name in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,13 +22,15 @@ class FieldSpec:
     members, never through pointers."""
     size: int
     """Size the C code reads; a different size in this kernel means a changed type."""
+    since: str = ""
+    """The first Linux release with this field, where older ones are known to lack it."""
 
     def describe(self) -> str:
         return " + ".join(f"{s}.{p}" for s, p in self.parts)
 
 
-def _f(macro: str, size: int, *parts: tuple[str, str]) -> FieldSpec:
-    return FieldSpec(macro, parts, size)
+def _f(macro: str, size: int, *parts: tuple[str, str], since: str = "") -> FieldSpec:
+    return FieldSpec(macro, parts, size, since)
 
 
 # Fields used by bpf/podnet.h, hence by every program.
@@ -37,7 +40,8 @@ CORE_FIELDS: tuple[FieldSpec, ...] = (
     _f("PODNET_OFF_SKC_DADDR", 4, ("sock", "__sk_common.skc_daddr")),
     _f("PODNET_OFF_SKC_V6_DADDR", 16, ("sock", "__sk_common.skc_v6_daddr")),
     _f("PODNET_OFF_SK_PROTOCOL", 2, ("sock", "sk_protocol")),
-    _f("PODNET_OFF_SK_CGROUP", 8, ("sock", "sk_cgrp_data"), ("sock_cgroup_data", "cgroup")),
+    # Before 5.15 sock_cgroup_data was a union of a tagged `val` and bitfields.
+    _f("PODNET_OFF_SK_CGROUP", 8, ("sock", "sk_cgrp_data"), ("sock_cgroup_data", "cgroup"), since="5.15"),
     _f("PODNET_OFF_CGROUP_KN", 8, ("cgroup", "kn")),
     _f("PODNET_OFF_KERNFS_ID", 8, ("kernfs_node", "id")),
 )
@@ -61,7 +65,15 @@ def resolve_field(btf: Btf, spec: FieldSpec) -> int:
     """Offset in bytes; BtfError (one line) when the field is absent or changed type."""
     total = 0
     for struct, path in spec.parts:
-        info = btf.field(struct, path)
+        try:
+            info = btf.field(struct, path)
+        except BtfError:
+            if not spec.since:
+                raise
+            raise BtfError(
+                f"kernel BTF has no {spec.describe()}: podnet needs Linux {spec.since} or newer "
+                f"(this kernel: {os.uname().release})"
+            ) from None
         if info.bitfield_size:
             raise BtfError(
                 f"kernel field {struct}.{path} is a bitfield here; podnet cannot read it on this kernel"

@@ -800,3 +800,33 @@ def test_kernel_missing_field_message(vmlinux: Btf) -> None:
     assert (
         str(exc.value) == f"kernel BTF ({VMLINUX}) has no field 'no_such_field' in struct sock{UNSUPPORTED}"
     )
+
+
+def test_pre_5_15_cgroup_layout_names_the_minimum_kernel() -> None:
+    """Linux 5.10's sock_cgroup_data (a union of bitfields and a tagged `val`, no `cgroup`
+    pointer): offset resolution fails with the kernel podnet needs, not a bare field name."""
+    from exporter.offsets import CORE_FIELDS, resolve_field
+
+    w = BtfWriter()
+    u8, u16, u32, u64 = (
+        w.int_(n, s, signed=False) for n, s in (("u8", 1), ("u16", 2), ("u32", 4), ("u64", 8))
+    )
+    bits = w.composite(
+        "",
+        8,
+        [
+            Member("is_data", u8, 0, 1),
+            Member("no_refcnt", u8, 1, 1),
+            Member("prioidx", u16, 16),
+            Member("classid", u32, 32),
+        ],
+    )
+    either = w.composite("", 8, [Member("", bits, 0), Member("val", u64, 0)], union=True)
+    data = w.composite("sock_cgroup_data", 8, [Member("", either, 0)])
+    w.composite("sock", 16, [Member("sk_cgrp_data", data, 0)])
+    spec = next(f for f in CORE_FIELDS if f.macro == "PODNET_OFF_SK_CGROUP")
+    with pytest.raises(
+        BtfError,
+        match=r"^kernel BTF has no sock.sk_cgrp_data \+ sock_cgroup_data.cgroup: podnet needs Linux 5\.15 ",
+    ):
+        resolve_field(Btf.from_bytes(w.build(), "5.10-like"), spec)

@@ -10,7 +10,9 @@
  * Built two ways from this one source:
  *   -DPODNET_TP_BTF (preferred): BTF-typed tracepoint programs. The verifier knows `sk` is a
  *     struct sock, so fields are plain loads, and each socket's state lives in the socket's
- *     own local storage (freed by the kernel with the socket).
+ *     own local storage (freed by the kernel with the socket). Its byte counters sit in a
+ *     slot of an mmap-able array that the poller reads in place: no shared map update per
+ *     event, and no map-element iterator (which some hosts refuse to load).
  *   otherwise: raw tracepoints. Fields are read with bpf_probe_read_kernel (~35 ns each
  *     here) and each socket's state sits in an LRU hash keyed by the socket's address,
  *     dropped when its socket is destroyed or connects again, so a recycled address never
@@ -53,21 +55,16 @@ struct tcp_sock_info {
     u8 in_request;
     u8 method;          /* PODNET_HTTP_* of the request in progress, 0 if not HTTP */
     u8 not_http;        /* a request on this connection was not HTTP: stop peeking */
-    u8 handed;          /* tp_btf: totals handed over in tcp_sock_final; the iterator skips it */
-    u8 pad[3];
+    u32 slot;           /* tp_btf: the socket's slot in tcp_sock_slots, PODNET_NO_SLOT if none */
     u64 last_rtt_ns;    /* when this socket last gave an RTT sample */
-    /* tp_btf build: the socket's own byte counters, read by the poller through
-     * iter_tcp_sock_state while the socket lives and handed over in tcp_sock_final, under
-     * `id`, when it dies. The raw build counts into tcp_flow_bytes instead. */
-    u64 id;
-    u64 sent;
-    u64 received;
+    u64 id;             /* tp_btf: unique per socket state, never reused */
 };
 
 #define PODNET_MAPID_REQUEST_HIST 2
 #define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
 #define PODNET_MAPID_TCP_SOCK_STATE 4
 #define PODNET_MAPID_TCP_SOCK_FINAL 5
+#define PODNET_MAPID_TCP_SOCK_SLOTS 6
 
 #ifdef PODNET_TP_BTF
 #define PODNET_HOOK(fn) int fn(u64 *ctx)
@@ -75,24 +72,37 @@ struct tcp_sock_info {
 /* Socket-local storage: found from the socket itself, no hashing, no size limit to tune. */
 BPF_SK_STORAGE(tcp_sock_state, struct tcp_sock_info);
 
+/* A live socket's byte counters, mirrored in exporter/bpf_structs.py (TcpSockSlot). The
+ * poller maps this array and reads the slots below the high-water mark in place. `id` is
+ * written last when a socket takes a slot and cleared when it gives it back, so a reader
+ * that finds the same id before and after reading the counters read that socket's. */
+struct tcp_sock_slot {
+    u64 id;
+    struct tcp_flow_key flow;
+    u64 sent;
+    u64 received;
+};
+#define PODNET_NO_SLOT 0xffffffffU
+BPF_F_TABLE("array", u32, struct tcp_sock_slot, tcp_sock_slots, PODNET_SOCK_SLOTS, BPF_F_MMAPABLE);
+/* Slots given back by dead sockets, taken first (last in, first out, so the slots in use
+ * stay below the high-water mark); then never-used slots, counted up in tcp_sock_ids. */
+BPF_STACK(tcp_sock_free_slots, u32, PODNET_SOCK_SLOTS);
+
 /* A dead socket's totals, until the poller takes them (lookup-and-delete): a socket's
- * bytes are in exactly one of its storage and this map, and the id tells the poller when
- * it read both in one pass. */
+ * bytes are in exactly one of its slot and this map, except while a poll reads both; the
+ * id tells the poller when it did. */
 struct tcp_sock_final {
     struct tcp_flow_key flow;
     u64 sent;
     u64 received;
 };
 BPF_F_TABLE("hash", u64, struct tcp_sock_final, tcp_sock_final, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_ARRAY(tcp_sock_ids, u64, 1);
-
-/* What iter_tcp_sock_state writes per live socket; mirrored in exporter/bpf_structs.py. */
-struct tcp_sock_record {
-    u64 id;
-    struct tcp_flow_key flow;
-    u64 sent;
-    u64 received;
+/* Mirrored in exporter/bpf_structs.py (TcpSockIds). */
+struct tcp_sock_ids {
+    u64 last_id;        /* the last socket id given out */
+    u64 slots_taken;    /* slots ever taken from the array: the high-water mark */
 };
+BPF_ARRAY(tcp_sock_ids, struct tcp_sock_ids, 1);
 #else
 #define PODNET_HOOK(fn) int fn(struct bpf_raw_tracepoint_args *ctx)
 #define PODNET_ARG(i) (ctx->args[i])
@@ -154,69 +164,87 @@ static __always_inline struct tcp_sock_info *cached_state(const void *sk)
     return tcp_sock_state.sk_storage_get((void *)sk, 0, 0);
 }
 
+/* A free slot for a new socket's counters, PODNET_NO_SLOT when every slot is taken. */
+static __always_inline u32 take_slot(struct tcp_sock_ids *ids)
+{
+    u32 slot;
+    if (!tcp_sock_free_slots.pop(&slot))
+        return slot;
+    u64 fresh = __sync_fetch_and_add(&ids->slots_taken, 1);
+    if (fresh < PODNET_SOCK_SLOTS)
+        return (u32)fresh;
+    /* Full: undo, so that the high-water mark never passes the array's end. */
+    __sync_fetch_and_add(&ids->slots_taken, -1);
+    podnet_count_failure(PODNET_MAPID_TCP_SOCK_SLOTS);
+    return PODNET_NO_SLOT;
+}
+
 static __always_inline struct tcp_sock_info *new_state(const void *sk, struct tcp_sock_info *fresh)
 {
     u32 zero = 0;
-    u64 *next = tcp_sock_ids.lookup(&zero);
-    if (!next)
+    struct tcp_sock_ids *ids = tcp_sock_ids.lookup(&zero);
+    if (!ids)
         return 0;
     /* Set before the storage exists: two CPUs creating it at once agree on one value. */
-    fresh->id = __sync_fetch_and_add(next, 1) + 1;
-    return tcp_sock_state.sk_storage_get((void *)sk, fresh, BPF_SK_STORAGE_GET_F_CREATE);
+    fresh->id = __sync_fetch_and_add(&ids->last_id, 1) + 1;
+    fresh->slot = PODNET_NO_SLOT;
+    struct tcp_sock_info *info = tcp_sock_state.sk_storage_get((void *)sk, fresh, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!info || info->id != fresh->id || info->slot != PODNET_NO_SLOT)
+        return info;    /* none, or another CPU created it first (and takes the slot) */
+    u32 slot = take_slot(ids);
+    struct tcp_sock_slot *s = tcp_sock_slots.lookup(&slot);
+    if (!s)
+        return info;    /* no slot: the socket's bytes go to tcp_flow_bytes */
+    s->flow = info->flow;
+    s->sent = 0;
+    s->received = 0;
+    /* The counters are in place before the id claims them for this socket. */
+    asm volatile("" ::: "memory");
+    s->id = info->id;
+    info->slot = slot;
+    return info;
 }
 
 static __always_inline void count_socket(struct tcp_sock_info *info, int ret, int sent)
 {
+    u32 slot = info->slot;
+    struct tcp_sock_slot *s = tcp_sock_slots.lookup(&slot);
+    if (!s) {
+        count_flow(&info->flow, ret, sent);
+        return;
+    }
     /* Atomic: two threads may send on one socket at once. */
     if (sent)
-        __sync_fetch_and_add(&info->sent, ret);
+        __sync_fetch_and_add(&s->sent, ret);
     else
-        __sync_fetch_and_add(&info->received, ret);
+        __sync_fetch_and_add(&s->received, ret);
 }
 
-/* The socket dies or starts a new connection: hand its totals to the poller, then drop
- * its state. */
+/* The socket dies or starts a new connection: hand its totals to the poller, give its
+ * slot back, then drop its state. */
 static __always_inline void forget_state(const void *sk)
 {
     struct tcp_sock_info *info = cached_state(sk);
     if (!info)
         return;
-    /* Flagged first: from here on a poll reads these bytes from the hand-over only. */
-    info->handed = 1;
-    if (info->sent || info->received) {
-        struct tcp_sock_final f = {.flow = info->flow, .sent = info->sent, .received = info->received};
+    u32 slot = info->slot;
+    struct tcp_sock_slot *s = tcp_sock_slots.lookup(&slot);
+    if (s && s->id == info->id) {
+        struct tcp_sock_final f = {.flow = s->flow, .sent = s->sent, .received = s->received};
         u64 id = info->id;
-        if (tcp_sock_final.update(&id, &f)) {
-            /* Full: into the flow counters instead. Exact, unless a poll reads this socket's
-             * storage before the delete below (then counted twice in that poll). */
+        if ((f.sent || f.received) && tcp_sock_final.update(&id, &f)) {
+            /* Full: into the flow counters instead. Exact, unless a poll reads this slot
+             * before its id is cleared below (then counted twice in that poll). */
             podnet_count_failure(PODNET_MAPID_TCP_SOCK_FINAL);
             count_flow(&f.flow, f.sent, 1);
             count_flow(&f.flow, f.received, 0);
         }
+        /* From here on a poll reads these bytes from the hand-over only. */
+        asm volatile("" ::: "memory");
+        s->id = 0;
+        tcp_sock_free_slots.push(&slot, 0);
     }
     tcp_sock_state.sk_storage_delete((void *)sk);
-}
-
-/* The poller's view of every live socket: one record per socket-local storage. The
- * context is the kernel's struct bpf_iter__bpf_sk_storage_map; only its layout matters. */
-struct podnet_sk_storage_iter {
-    void *meta;     /* struct bpf_iter_meta *: its first field is the seq_file */
-    void *map;
-    void *sk;
-    void *value;
-};
-
-int iter_tcp_sock_state(struct podnet_sk_storage_iter *ctx)
-{
-    struct tcp_sock_info *info = ctx->value;
-    if (!info || info->handed)
-        return 0;
-    struct tcp_sock_record r = {.id = info->id, .flow = info->flow, .sent = info->sent, .received = info->received};
-    if (!r.sent && !r.received)
-        return 0;
-    void *seq = PODNET_LOAD(void *, ctx->meta, 0);
-    bpf_seq_write(seq, &r, sizeof(r));
-    return 0;
 }
 #else
 static __always_inline struct tcp_sock_info *cached_state(const void *sk)

@@ -61,12 +61,9 @@ class SockInfo(ct.Structure):
         ("in_request", ct.c_uint8),
         ("method", ct.c_uint8),
         ("not_http", ct.c_uint8),
-        ("handed", ct.c_uint8),
-        ("pad", ct.c_uint8 * 3),
+        ("slot", ct.c_uint32),
         ("last_rtt_ns", ct.c_uint64),
         ("id", ct.c_uint64),
-        ("sent", ct.c_uint64),
-        ("received", ct.c_uint64),
     ]
 
 
@@ -76,10 +73,17 @@ class TcpSockFinal(ct.Structure):
     _fields_ = [("flow", TcpFlowKey), ("sent", ct.c_uint64), ("received", ct.c_uint64)]
 
 
-class TcpSockRecord(ct.Structure):
-    """One live socket as iter_tcp_sock_state writes it (tp_btf build)."""
+class TcpSockSlot(ct.Structure):
+    """A live socket's byte counters in tcp_sock_slots (tp_btf build); id 0: a free slot."""
 
     _fields_ = [("id", ct.c_uint64), ("flow", TcpFlowKey), ("sent", ct.c_uint64), ("received", ct.c_uint64)]
+
+
+class TcpSockIds(ct.Structure):
+    """tcp_sock_ids[0] (tp_btf build): the last socket id given out and the slots of
+    tcp_sock_slots ever taken (the high-water mark below which live sockets are)."""
+
+    _fields_ = [("last_id", ct.c_uint64), ("slots_taken", ct.c_uint64)]
 
 
 UNTRACKED_PEER = bytes(16)
@@ -117,6 +121,8 @@ FailureCount = ct.c_uint64
 MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "tcp_sock_identity": (SockKey, SockInfo),
     "tcp_sock_final": (ct.c_uint64, TcpSockFinal),
+    "tcp_sock_slots": (ct.c_uint32, TcpSockSlot),
+    "tcp_sock_ids": (ct.c_uint32, TcpSockIds),
     "request_hist": (RequestKey, HistVal),
     "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
     "tcp_flow_overflow": (CgroupKey, TcpBytes),
@@ -137,6 +143,7 @@ MAP_IDS: dict[str, tuple[str, ...]] = {
         "tcp_flow_overflow",
         "tcp_sock_state",
         "tcp_sock_final",
+        "tcp_sock_slots",
     ),
     "tcp_state": (
         "tcp_conn_by_cgroup",

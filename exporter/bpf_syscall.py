@@ -1,12 +1,12 @@
 """bpf(2) for what BCC 0.26 lacks: loading a program BCC compiled as a BTF-typed
-tracepoint program (tp_btf) or as a BPF iterator, attaching it, and reading an iterator.
+tracepoint program (tp_btf) and attaching it, and mapping an array map into memory.
 
 A tp_btf program runs on the same raw tracepoint as BCC's RAW_TRACEPOINT_PROBE, but the
 verifier knows its arguments' kernel types: fields are read with plain loads (no
-bpf_probe_read_kernel call, ~35 ns each here) and socket-local storage is available. An
-iterator over a socket-storage map lets userspace read every socket's state, which no
-map lookup can enumerate. BCC compiles the C and relocates its maps; this module only
-hands the instructions to the kernel with the attach target's BTF id.
+bpf_probe_read_kernel call, ~35 ns each here) and socket-local storage is available. BCC
+compiles the C and relocates its maps; this module only hands the instructions to the
+kernel with the attach target's BTF id. A mapped array (BPF_F_MMAPABLE) is read in place,
+with no syscall per element.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from typing import Any
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 
+_BPF_MAP_CREATE = 0
 _BPF_PROG_LOAD = 5
 _BPF_RAW_TRACEPOINT_OPEN = 17
-_BPF_LINK_CREATE = 28
-_BPF_ITER_CREATE = 33
 _BPF_PROG_TYPE_TRACING = 26
 _BPF_TRACE_RAW_TP = 23
-_BPF_TRACE_ITER = 28
 _LOG_SIZE = 1 << 20
 
 
@@ -63,21 +61,15 @@ class _RawTpOpenAttr(ctypes.Structure):
     _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("_tail", ctypes.c_uint8 * 20)]
 
 
-class _IterLinkAttr(ctypes.Structure):
-    # BPF_LINK_CREATE member: prog_fd, target_fd, attach_type, flags, iter_info, iter_info_len.
+class _MapCreateAttr(ctypes.Structure):
     _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("target_fd", ctypes.c_uint32),
-        ("attach_type", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("iter_info", ctypes.c_uint64),
-        ("iter_info_len", ctypes.c_uint32),
-        ("_tail", ctypes.c_uint8 * 36),
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("_tail", ctypes.c_uint8 * 108),
     ]
-
-
-class _IterCreateAttr(ctypes.Structure):
-    _fields_ = [("link_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("_tail", ctypes.c_uint8 * 8)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -98,6 +90,19 @@ def bpf(cmd: int, attr: ctypes.Structure) -> int:
     return ret
 
 
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_STACK = 23
+BPF_F_MMAPABLE = 1 << 10
+
+
+def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+    """BPF_MAP_CREATE; returns the map fd (the caller closes it). Raises OSError."""
+    attr = _MapCreateAttr(
+        map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries, map_flags=flags
+    )
+    return bpf(_BPF_MAP_CREATE, attr)
+
+
 def _verifier_summary(log: bytes) -> str:
     lines = [ln.strip() for ln in log.decode(errors="replace").splitlines() if ln.strip()]
     # The verifier's reason is the last line that is not its statistics.
@@ -107,7 +112,9 @@ def _verifier_summary(log: bytes) -> str:
     return ""
 
 
-def _load_tracing(bcc_obj: Any, function: str, attach_type: int, btf_id: int, license: bytes) -> int:
+def load_tp_btf(bcc_obj: Any, function: str, type_id: int, license: bytes = b"GPL") -> int:
+    """Load `function` of a compiled BCC module as a tp_btf program attached to the
+    tracepoint whose `btf_trace_*` typedef has `type_id`. Returns the program fd."""
     from bcc import lib  # the same libbcc that compiled bcc_obj
 
     name = function.encode()
@@ -115,16 +122,24 @@ def _load_tracing(bcc_obj: Any, function: str, attach_type: int, btf_id: int, li
     size = lib.bpf_function_size(bcc_obj.module, name)
     if not start or not size:
         raise BpfSyscallError(f"function {function} is not in the compiled program")
+    return load_tp_btf_insns(
+        ctypes.cast(start, ctypes.c_void_p).value or 0, size // 8, function, type_id, license
+    )
+
+
+def load_tp_btf_insns(insns: int, count: int, function: str, type_id: int, license: bytes = b"GPL") -> int:
+    """load_tp_btf for `count` instructions at address `insns`."""
+    name = function.encode()
     log = ctypes.create_string_buffer(_LOG_SIZE)
     lic = ctypes.create_string_buffer(license)
     attr = _ProgLoadAttr(
         prog_type=_BPF_PROG_TYPE_TRACING,
-        insn_cnt=size // 8,
-        insns=ctypes.cast(start, ctypes.c_void_p).value or 0,
+        insn_cnt=count,
+        insns=insns,
         license=ctypes.addressof(lic),
         prog_name=name[:15],
-        expected_attach_type=attach_type,
-        attach_btf_id=btf_id,
+        expected_attach_type=_BPF_TRACE_RAW_TP,
+        attach_btf_id=type_id,
     )
     try:
         return bpf(_BPF_PROG_LOAD, attr)
@@ -140,48 +155,6 @@ def _load_tracing(bcc_obj: Any, function: str, attach_type: int, btf_id: int, li
             ) from None
 
 
-def load_tp_btf(bcc_obj: Any, function: str, type_id: int, license: bytes = b"GPL") -> int:
-    """Load `function` of a compiled BCC module as a tp_btf program attached to the
-    tracepoint whose `btf_trace_*` typedef has `type_id`. Returns the program fd."""
-    return _load_tracing(bcc_obj, function, _BPF_TRACE_RAW_TP, type_id, license)
-
-
-def load_iter(bcc_obj: Any, function: str, func_id: int, license: bytes = b"GPL") -> int:
-    """Load `function` as a BPF iterator program for the target whose `bpf_iter_<target>`
-    kernel function has BTF id `func_id`. Returns the program fd."""
-    return _load_tracing(bcc_obj, function, _BPF_TRACE_ITER, func_id, license)
-
-
-def attach_map_iter(prog_fd: int, map_fd: int) -> int:
-    """A link running the iterator program over the map `map_fd`; each iter_read() walks
-    the map anew."""
-    info = (ctypes.c_uint32 * 2)(map_fd, 0)  # union bpf_iter_link_info: map.map_fd
-    attr = _IterLinkAttr(
-        prog_fd=prog_fd,
-        attach_type=_BPF_TRACE_ITER,
-        iter_info=ctypes.addressof(info),
-        iter_info_len=ctypes.sizeof(info),
-    )
-    try:
-        return bpf(_BPF_LINK_CREATE, attr)
-    except OSError as e:
-        raise BpfSyscallError(f"creating the map iterator failed: {e.strerror}") from None
-
-
-def iter_read(link_fd: int, chunk: int = 1 << 16) -> bytes:
-    """Everything the iterator program writes in one walk (bpf_seq_write records)."""
-    fd = bpf(_BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd))
-    try:
-        parts: list[bytes] = []
-        while True:
-            part = os.read(fd, chunk)
-            if not part:
-                return b"".join(parts)
-            parts.append(part)
-    finally:
-        os.close(fd)
-
-
 def attach_tp_btf(prog_fd: int) -> int:
     """Attach a loaded tp_btf program to its tracepoint; closing the returned link fd
     detaches it."""
@@ -189,3 +162,47 @@ def attach_tp_btf(prog_fd: int) -> int:
         return bpf(_BPF_RAW_TRACEPOINT_OPEN, _RawTpOpenAttr(name=0, prog_fd=prog_fd))
     except OSError as e:
         raise BpfSyscallError(f"attaching tp_btf program failed: {e.strerror}") from None
+
+
+_PROT_READ = 0x1
+_MAP_SHARED = 0x01
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class MappedArray:
+    """An array map created with BPF_F_MMAPABLE, mapped read-only into this process: its
+    elements are read where the kernel writes them (`elements`), without a syscall."""
+
+    def __init__(self, address: int, length: int, elements: ctypes.Array[Any]) -> None:
+        self._address = address
+        self._length = length
+        self.elements = elements
+
+    def close(self) -> None:
+        if self._length:
+            _libc.munmap(self._address, self._length)
+            self._length = 0
+
+
+def map_array(map_fd: int, value_type: type[Any], entries: int) -> MappedArray:
+    """Map the values of array map `map_fd` (`entries` values of `value_type`, whose size
+    must be a multiple of 8, as the kernel lays them out)."""
+    if ctypes.sizeof(value_type) % 8:
+        raise BpfSyscallError(f"{value_type.__name__} is not 8-byte aligned: cannot map its array")
+    page = os.sysconf("SC_PAGE_SIZE")
+    length = -(-ctypes.sizeof(value_type) * entries // page) * page
+    addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED, map_fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise BpfSyscallError(f"mapping the array map into memory failed: {os.strerror(err)}")
+    return MappedArray(addr, length, (value_type * entries).from_address(addr))

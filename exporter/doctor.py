@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporter.bpf_syscall import BPF_MAP_TYPE_ARRAY, BpfSyscallError, create_map
 from exporter.btf import Btf, BtfError
 from exporter.cgroups import CgroupError, find_cgroup2_mount
 from exporter.kernel_headers import find_tree
+from exporter.kernel_probe import preferred_build_refused, probe_preferred_build
 from exporter.offsets import resolve_offsets
 from exporter.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
 
@@ -53,30 +54,34 @@ def check_privileges() -> Check:
 
 def check_bpf_syscall() -> Check:
     # BPF_MAP_CREATE of a one-entry array: the cheapest proof the syscall works for us.
-    class Attr(ct.Structure):
-        _fields_ = [
-            ("map_type", ct.c_uint32),
-            ("key_size", ct.c_uint32),
-            ("value_size", ct.c_uint32),
-            ("max_entries", ct.c_uint32),
-            ("map_flags", ct.c_uint32),
-            ("pad", ct.c_uint8 * 108),
-        ]
-
-    libc = ct.CDLL(None, use_errno=True)
-    nr = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
-    attr = Attr(2, 4, 4, 1, 0)
-    fd = libc.syscall(nr, 0, ct.byref(attr), ct.sizeof(attr))
-    if fd < 0:
-        err = ct.get_errno()
+    try:
+        os.close(create_map(BPF_MAP_TYPE_ARRAY, 4, 4, 1))
+    except (OSError, BpfSyscallError) as e:
         return Check(
             "bpf syscall",
             False,
-            f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}",
+            f"bpf(BPF_MAP_CREATE) failed: {e.strerror if isinstance(e, OSError) else e}",
             "run as root; check sysctl kernel.unprivileged_bpf_disabled and any seccomp profile",
         )
-    os.close(fd)
     return Check("bpf syscall", True, "bpf() works")
+
+
+def check_data_path(btf: Btf | None) -> Check:
+    """Which build of the hot path this host allows, before anything compiles: the loader
+    falls back by itself, but a host that forces the costlier build must say why."""
+    if btf is None:
+        return Check("data path", False, "cannot probe without BTF", "fix kernel BTF first")
+    refused = preferred_build_refused(probe_preferred_build(btf))
+    if refused:
+        return Check(
+            "data path",
+            False,
+            f"raw tracepoints (costlier per event), because {refused}",
+            "allow tp_btf programs (CAP_BPF + CAP_PERFMON, Linux 5.11+), BPF_F_MMAPABLE arrays and "
+            "stack maps; the exporter runs either way",
+            required=False,
+        )
+    return Check("data path", True, "BTF-typed tracepoints allowed (tp_btf, mapped arrays, stack maps)")
 
 
 def check_btf() -> tuple[Check, Btf | None]:
@@ -174,7 +179,17 @@ def check_load(btf: Btf, kernel_headers: str | None = None) -> Check:
         return Check("compile and attach", False, str(e), "see the checks above")
     attached = sum(h.attached for h in progs.hooks)
     hot = progs.builds.get("tcp_traffic", "not attached")
+    passed = progs.passed_over.get("tcp_traffic", [])
     progs.close()
+    if passed:
+        return Check(
+            "compile and attach",
+            False,
+            f"{attached} of {len(progs.hooks)} programs attached and detached; hot path: {hot}, "
+            f"the costlier fallback, because: {'; '.join(passed)}",
+            "the exporter runs, at a higher cost per event; see the reasons above",
+            required=False,
+        )
     return Check(
         "compile and attach",
         True,
@@ -187,6 +202,7 @@ def run_checks(cgroup_root: str | None, kernel_headers: str | None = None) -> li
     btf_check, btf = check_btf()
     checks.append(btf_check)
     checks += check_tracepoints(btf)
+    checks.append(check_data_path(btf))
     checks += [
         check_cgroup(cgroup_root),
         check_bcc(),

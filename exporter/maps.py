@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter import bpf_structs as bs
-from exporter.bpf_syscall import iter_read
 from exporter.programs import LoadedPrograms
-from exporter.sockbytes import SocketBytes, SocketTotals, decode_records
+from exporter.sockbytes import SocketBytes, SocketTotals, read_slots
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +181,14 @@ class MapReader:
     def _read_sockets(self, raw: RawData) -> None:
         """The tp_btf build's per-socket counters: live sockets first, then the totals of
         sockets that died, taken out of the kernel as they are read."""
-        link = self._programs.socket_iterator("tcp_traffic")
-        if link is None:
+        slots = self._programs.socket_slot_array("tcp_traffic")
+        if slots is None:
             return
         table = self._programs.table("tcp_traffic", "tcp_sock_final")
-        if table is None:
+        ids = self._programs.table("tcp_traffic", "tcp_sock_ids")
+        if table is None or ids is None:
             return
-        live = decode_records(iter_read(link))
+        live = read_slots(slots.elements, ids[ct.c_uint32(0)].slots_taken)
         finals = [
             SocketTotals(int(keys[i]), (v.flow.cgroup_id, bytes(v.flow.peer)), v.sent, v.received)
             for keys, values, n in lookup_batches(table, delete=True)
@@ -200,7 +200,7 @@ class MapReader:
             c = raw.cgroups[flow[0]]
             c.sent += sent
             c.received += received
-        raw.map_entries["tcp_sock_state"] = len(live)
+        raw.map_entries["tcp_sock_slots"] = len(live)
         raw.map_entries["tcp_sock_final"] = len(finals)
 
     def delete_cgroups(self, raw: RawData, dead: set[int]) -> int:

@@ -194,8 +194,8 @@ INFO_FAMILIES: tuple[MetricSpec, ...] = (POD_INFO,)
 BUILD_INFO = MetricSpec(
     "podnet_exporter_build_info",
     Kind.GAUGE,
-    "podnet build and runtime versions; always 1.",
-    ("version", "python", "bcc", "kernel"),
+    "podnet build and runtime versions, and which data path runs (tp_btf, raw_tracepoint); always 1.",
+    ("version", "python", "bcc", "kernel", "data_path"),
 )
 POLL_DURATION = MetricSpec(
     "podnet_exporter_poll_duration_seconds",

@@ -159,7 +159,13 @@ class Poller:
         self.retired = Retired(max_identities=parts.resolver.max_entries)
         self.otlp_stats: Callable[[], tuple[int, int, float] | None] = lambda: None
         self.file_health = FileSourceHealth() if parts.pods_file is not None else None
-        self._build = (__version__, platform.python_version(), bcc_version(), platform.release())
+        self._build = (
+            __version__,
+            platform.python_version(),
+            bcc_version(),
+            platform.release(),
+            parts.programs.data_path,
+        )
 
     def _error(self, stage: str, exc: BaseException) -> None:
         """Runtime errors are counted, logged once per stage and kind, and survived."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.bpf_structs import MAP_TYPES
-from exporter.bpf_syscall import BpfSyscallError, attach_map_iter, attach_tp_btf, load_iter, load_tp_btf
+from exporter.bpf_syscall import BpfSyscallError, MappedArray, attach_tp_btf, load_tp_btf, map_array
 from exporter.btf import Btf
 from exporter.config import RequestMode
 from exporter.kernel_headers import find_tree
@@ -66,8 +66,8 @@ class ProgramSpec:
     metrics: tuple[str, ...]
     btf_typed: bool = False
     """Built with -DPODNET_TP_BTF and loaded as tp_btf programs where the kernel can."""
-    socket_iterator: tuple[str, str] | None = None
-    """(function, socket-storage map) of the tp_btf build's iterator over live sockets:
+    socket_slots: str | None = None
+    """The tp_btf build's array of live sockets' byte counters, mapped into the poller:
     without it that build's byte counters could not be read, so it is required."""
     tracks_requests: bool = False
     """Built per Config.requests (with or without HTTP recognition, or without requests)."""
@@ -99,7 +99,7 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
             "podnet_request_duration_seconds",
         ),
         btf_typed=True,
-        socket_iterator=("iter_tcp_sock_state", "tcp_sock_state"),
+        socket_slots="tcp_sock_slots",
         tracks_requests=True,
     ),
     ProgramSpec(
@@ -134,8 +134,10 @@ class Variant:
     cflags: tuple[str, ...]
     tp_btf: bool = False
 
+    TP_BTF = "BTF-typed tracepoints"
+
     def describe(self) -> str:
-        parts = ["BTF-typed tracepoints" if self.tp_btf else "raw tracepoints"]
+        parts = [self.TP_BTF if self.tp_btf else "raw tracepoints"]
         if "-DPODNET_NO_REQUESTS" in self.cflags:
             parts.append("requests off")
         elif "-DPODNET_NO_PEEK" in self.cflags:
@@ -174,6 +176,9 @@ class MapSizes:
             f"-DPODNET_MAP_ENTRIES={self.cgroups}",
             f"-DPODNET_FLOW_ENTRIES={self.flows}",
             f"-DPODNET_SOCK_ENTRIES={self.cgroups * 4}",
+            # Live sockets' counters: an array, so allocated whole (48 bytes a slot). A
+            # socket that finds no free slot is counted in the flow map instead.
+            f"-DPODNET_SOCK_SLOTS={self.cgroups}",
             f"-DPODNET_HIST_ENTRIES={self.cgroups * 8}",
         ]
 
@@ -196,13 +201,15 @@ class LoadedPrograms:
     """hook label -> (program fd, link fd) of hooks attached as tp_btf programs."""
     builds: dict[str, str] = field(default_factory=dict)
     """program -> how it was built and attached (Variant.describe), for logs and doctor."""
-    socket_iterators: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """program -> (program fd, link fd) of its iterator over live sockets (tp_btf builds)."""
+    passed_over: dict[str, list[str]] = field(default_factory=dict)
+    """program -> the builds tried before the one that loaded, each with why it did not
+    (Variant.describe: reason): logged as a warning at start-up and shown by doctor."""
+    socket_slots: dict[str, MappedArray] = field(default_factory=dict)
+    """program -> its array of live sockets' counters, mapped read-only (tp_btf builds)."""
 
-    def socket_iterator(self, program: str) -> int | None:
-        """Link fd to read the program's live sockets from (bpf_syscall.iter_read)."""
-        fds = self.socket_iterators.get(program)
-        return fds[1] if fds is not None and self.attached(program) else None
+    def socket_slot_array(self, program: str) -> MappedArray | None:
+        """The program's live-socket slots, read in place by the poller (sockbytes.read_slots)."""
+        return self.socket_slots.get(program) if self.attached(program) else None
 
     def table(self, program: str, name: str) -> Any | None:
         obj = self.objects.get(program)
@@ -230,18 +237,29 @@ class LoadedPrograms:
     def attached(self, program: str) -> bool:
         return any(h.attached for h in self.hooks if h.program == program)
 
+    @property
+    def data_path(self) -> str:
+        """How the hot path (tcp_traffic) runs: "tp_btf", "raw_tracepoint" or "none"; the
+        `data_path` label of podnet_exporter_build_info."""
+        how = self.builds.get("tcp_traffic")
+        if how is None:
+            return "none"
+        return "tp_btf" if how.startswith(Variant.TP_BTF) else "raw_tracepoint"
+
     def close_tp_btf(self, labels: Sequence[str]) -> None:
         for label in labels:
             _close_link(self.tp_btf.pop(label, None))
 
-    def close_socket_iterator(self, program: str) -> None:
-        _close_link(self.socket_iterators.pop(program, None))
+    def unmap_socket_slots(self, program: str) -> None:
+        mapped = self.socket_slots.pop(program, None)
+        if mapped is not None:
+            mapped.close()
 
     def close(self) -> None:
         """Detach everything; the kernel frees programs and maps with their last fd."""
         self.close_tp_btf(list(self.tp_btf))
-        for program in list(self.socket_iterators):
-            self.close_socket_iterator(program)
+        for program in list(self.socket_slots):
+            self.unmap_socket_slots(program)
         for obj in self.objects.values():
             with contextlib.suppress(Exception):
                 obj.cleanup()
@@ -348,24 +366,14 @@ def _attach_tp_btf(loaded: LoadedPrograms, btf: Btf, obj: Any, st: HookStatus) -
     loaded.tp_btf[st.hook.label] = _linked(load_tp_btf(obj, st.hook.function, type_id), attach_tp_btf)
 
 
-_SK_STORAGE_ITER_TARGET = "bpf_iter_bpf_sk_storage_map"
-
-
-def _attach_socket_iterator(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec, obj: Any) -> None:
-    if spec.socket_iterator is None:
+def _map_socket_slots(loaded: LoadedPrograms, spec: ProgramSpec, obj: Any) -> None:
+    if spec.socket_slots is None:
         return
-    from bcc import lib
-
-    function, map_name = spec.socket_iterator
-    func_id = btf.func_id(_SK_STORAGE_ITER_TARGET)
-    if func_id is None:
-        raise BpfSyscallError(f"kernel has no socket-storage map iterator ({_SK_STORAGE_ITER_TARGET})")
-    map_fd = lib.bpf_table_fd(obj.module, map_name.encode())
-    if map_fd < 0:
-        raise BpfSyscallError(f"map {map_name} is not in the compiled program")
-    loaded.socket_iterators[spec.name] = _linked(
-        load_iter(obj, function, func_id), lambda prog_fd: attach_map_iter(prog_fd, map_fd)
-    )
+    table = loaded.table(spec.name, spec.socket_slots) if spec.name in loaded.objects else None
+    if table is None:
+        raise BpfSyscallError(f"map {spec.socket_slots} is not in the compiled program")
+    value_type = MAP_TYPES[spec.socket_slots][1]
+    loaded.socket_slots[spec.name] = map_array(table.get_fd(), value_type, table.max_entries)
 
 
 def _compile_and_attach(
@@ -393,7 +401,7 @@ def _compile_and_attach(
     loaded.objects[spec.name] = obj
     if variant.tp_btf:
         try:
-            _attach_socket_iterator(loaded, btf, spec, obj)
+            _map_socket_slots(loaded, spec, obj)
         except BpfSyscallError as e:
             for st in usable:
                 st.reason = str(e)
@@ -417,7 +425,7 @@ def _compile_and_attach(
         loaded.builds[spec.name] = variant.describe()
         return True
     loaded.close_tp_btf([st.hook.label for st in usable])
-    loaded.close_socket_iterator(spec.name)
+    loaded.unmap_socket_slots(spec.name)
     obj.cleanup()
     del loaded.objects[spec.name]
     for st in statuses:
@@ -425,6 +433,21 @@ def _compile_and_attach(
         if failed:
             st.reason = st.reason or f"needs {failed[0].hook.tracepoint}: {failed[0].reason}"
     return last
+
+
+def _warn_fallback(loaded: LoadedPrograms, program: str) -> None:
+    """A build that is not the first choice never runs silently: say what was passed over
+    and why (the first choice is the cheapest per event)."""
+    passed = loaded.passed_over.get(program)
+    how = loaded.builds.get(program)
+    if not passed or how is None:
+        return
+    log.warning(
+        "program %s runs as %s, not the preferred build: %s; see 'podnet-exporter doctor'",
+        program,
+        how,
+        "; ".join(passed),
+    )
 
 
 def load_programs(
@@ -480,6 +503,9 @@ def load_programs(
             flags = base + list(variant.cflags)
             if _compile_and_attach(loaded, btf, spec, statuses, usable, flags, variant, debug, BPF, last):
                 break
+            why = next((st.reason for st in usable if st.reason), "no reason given")
+            loaded.passed_over.setdefault(spec.name, []).append(f"{variant.describe()}: {why}")
+        _warn_fallback(loaded, spec.name)
     for st in loaded.hooks:
         if not st.attached:
             log.warning(

@@ -40,7 +40,7 @@ class MetadataSourceState:
 class ExporterState:
     """Self-metric inputs gathered by the poller."""
 
-    build: tuple[str, str, str, str] = ("", "", "", "")
+    build: tuple[str, str, str, str, str] = ("", "", "", "", "")
     poll_seconds: float = 0.0
     polls: int = 0
     errors: Mapping[str, int] = field(default_factory=dict)

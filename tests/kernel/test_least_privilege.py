@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from exporter_proc import ExporterProcess
+from hostprobe import refusal_under
 from podsim import SimCluster
 from test_tcp_metrics import client, finish, full_labels, serve
 
@@ -40,8 +41,13 @@ def test_runs_with_only_cap_bpf_and_cap_perfmon(
         assert s.value("podnet_tcp_sent_bytes_total", **full_labels(a)) == 4 * 1234
         assert s.value("podnet_tcp_received_bytes_total", **full_labels(b)) == 4 * 1234
         assert s.value("podnet_exporter_unresolved_cgroups") == 0
-        # The cheaper build, not the fallback: tp_btf, socket storage and its iterator
-        # need nothing beyond these two capabilities.
-        assert "tcp_traffic: BTF-typed tracepoints" in exp.log_path.read_text(errors="replace")
+        # The build these two capabilities allow on this host (probed under the same
+        # limits): the preferred one needs nothing more where the kernel offers it, and a
+        # fallback is never silent.
+        refused = refusal_under(ONLY_BPF_AND_PERFMON)
+        (info,) = s.series("podnet_exporter_build_info")
+        assert info["data_path"] == ("raw_tracepoint" if refused else "tp_btf"), (refused, info)
+        if refused:
+            assert "not the preferred build" in exp.log_path.read_text(errors="replace")
     finally:
         assert exp.stop() == 0, exp.log()

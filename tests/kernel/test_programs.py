@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostprobe import preferred_refused, refusal_under, require_preferred_build
 from podsim import SimCluster, client_argv, ready_path, server_argv, wait_for_file
 
 from exporter.bpf_structs import HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES, SockInfo
@@ -52,9 +53,9 @@ def btf() -> Btf:
     return Btf.load()
 
 
-# How the hot path can be built: BTF-typed tracepoints (preferred), raw tracepoints (kernels
-# without tp_btf), and either without reading payloads (requests "turns") or without request
-# tracking (requests "off").
+# How the hot path can be built: BTF-typed tracepoints (preferred, where the host allows it),
+# raw tracepoints (forced here; the fallback elsewhere), and either without reading payloads
+# (requests "turns") or without request tracking (requests "off").
 BUILDS: dict[str, dict[str, object]] = {
     "tp_btf": {},
     "raw": {"tp_btf": False},
@@ -72,11 +73,16 @@ def load(
     sizes = sizes or MapSizes(4096)
     progs = load_programs(b, resolve_offsets(btf), sizes, **BUILDS[build])  # type: ignore[arg-type]
     hot = {h.hook.label for h in progs.hooks if h.program == "tcp_traffic" and h.attached}
-    # The build asked for is the build loaded: no silent fallback.
-    assert (hot <= set(progs.tp_btf)) == build.startswith("tp_btf"), (hot, progs.tp_btf)
+    # The build loaded is the one asked for where the host allows it (probed), and any
+    # other is a fallback that says why.
+    wants_tp_btf = BUILDS[build].get("tp_btf", True)
+    expect_tp_btf = bool(wants_tp_btf) and not preferred_refused()
+    assert (hot <= set(progs.tp_btf)) == expect_tp_btf, (hot, progs.tp_btf, progs.passed_over)
+    if wants_tp_btf and not expect_tp_btf:
+        assert progs.passed_over["tcp_traffic"], "fell back without saying why"
     if "tcp_traffic" in progs.builds:
         how = progs.builds["tcp_traffic"]
-        assert how.startswith("BTF-typed" if build.startswith("tp_btf") else "raw"), how
+        assert progs.data_path == ("tp_btf" if expect_tp_btf else "raw_tracepoint"), how
         assert ("requests off" in how) == build.endswith("no-requests"), how
         assert ("without HTTP recognition" in how) == build.endswith("turns"), how
     return progs
@@ -226,7 +232,7 @@ def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimClust
         hosts = [f"127.0.0.{i}" for i in range(2, 13)]
         cg_id = host_exchange(cluster, f"full-{build}", free_port(), hosts, 100, 7)
         raw = MapReader(progs).read()
-        if build == "raw":
+        if progs.data_path == "raw_tracepoint":
             assert raw.map_failures["tcp_flow_bytes"] > 0
             assert raw.map_entries["tcp_flow_bytes"] <= 8
             assert (cg_id, bytes(16)) in raw.flows  # the catch-all: peer unknown
@@ -244,6 +250,7 @@ def test_dead_sockets_beyond_the_flow_limit_are_counted_and_totals_stay_exact(
 ) -> None:
     """tp_btf build: the poller keeps dead sockets' totals per flow up to a limit; beyond it
     they go to the owner's catch-all flow and the flow table counts as full."""
+    require_preferred_build()
     progs = load(btf)
     try:
         reader = MapReader(progs, max_flows=1)
@@ -262,6 +269,7 @@ def test_live_and_dead_sockets_count_once(btf: Btf) -> None:
     """tp_btf build: a connection's bytes are read from its socket while it lives and from
     its hand-over once it dies, never both, never neither. The server listens on an address
     of its own, so the client's flow is this test's alone (other tests share the cgroup)."""
+    require_preferred_build()
     progs = load(btf)
     reader = MapReader(progs)
     me = Path(f"/proc/{os.getpid()}/cgroup").read_text().strip().split("::")[-1]
@@ -279,7 +287,7 @@ def test_live_and_dead_sockets_count_once(btf: Btf) -> None:
             while got < n:
                 got += len(peer.recv(65536))
             raw = reader.read()
-            seen.append((raw.flows[flow][0], raw.map_entries["tcp_sock_state"] >= 2))
+            seen.append((raw.flows[flow][0], raw.map_entries["tcp_sock_slots"] >= 2))
         c.close()
         peer.close()
         for _ in range(3):
@@ -306,7 +314,8 @@ def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster, build: str) ->
         # frees with the socket; test_socket_state_is_dropped_on_disconnect covers it.)
         pending = progs.table("tcp_state", "tcp_connects_pending")
         opened = progs.table("tcp_state", "tcp_socks_open")
-        cached = progs.table("tcp_traffic", "tcp_sock_identity") if build == "raw" else None
+        raw_build = progs.data_path == "raw_tracepoint"
+        cached = progs.table("tcp_traffic", "tcp_sock_identity") if raw_build else None
         assert pending is not None and opened is not None
 
         def leftovers() -> list[object]:
@@ -342,6 +351,7 @@ def _sock_state(progs: LoadedPrograms, sock: socket.socket) -> SockInfo | None:
 def test_socket_state_follows_a_reconnect(btf: Btf) -> None:
     """A socket disconnected (connect(AF_UNSPEC)) and connected to another peer counts
     towards the new peer: its state is forgotten when it connects again."""
+    require_preferred_build()  # reads the socket-local storage of that build
     progs = load(btf)
     first, second = socket.socket(), socket.socket()
     first.bind(("127.0.0.1", 0))
@@ -368,6 +378,84 @@ def test_socket_state_follows_a_reconnect(btf: Btf) -> None:
         for s in (c, *peers, first, second):
             s.close()
         progs.close()
+
+
+def test_probe_agrees_with_the_loader(btf: Btf) -> None:
+    """The probe tests expect builds by is itself checked: the preferred build loads
+    exactly where the probe says the host allows it."""
+    progs = load_programs(btf, resolve_offsets(btf), MapSizes(1024))
+    try:
+        assert progs.data_path == ("raw_tracepoint" if preferred_refused() else "tp_btf"), progs.passed_over
+    finally:
+        progs.close()
+
+
+def test_probe_names_what_a_host_refuses() -> None:
+    """Without CAP_PERFMON no tracing program loads: the probe must say so, naming the
+    feature, rather than report the preferred build as available."""
+    out = refusal_under(["setpriv", "--bounding-set=-all,+bpf", "--inh-caps=-all"])
+    assert out.startswith("tp_btf program on sock_send_length refused: kernel refused program"), out
+
+
+def test_a_forced_fallback_is_loud(
+    btf: Btf, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that refuses part of the preferred build (here: mapping the counters' array)
+    gets the raw-tracepoint build, a WARNING with the reason, and data_path says so; the
+    numbers stay exact."""
+    import exporter.programs as programs
+    from exporter.bpf_syscall import BpfSyscallError
+
+    def refuse(*_: object) -> None:
+        raise BpfSyscallError("mapping the array map into memory failed: Operation not permitted")
+
+    monkeypatch.setattr(programs, "map_array", refuse)
+    progs = load_programs(btf, resolve_offsets(btf), MapSizes(1024))
+    try:
+        assert progs.data_path == "raw_tracepoint"
+        passed = progs.passed_over["tcp_traffic"]  # both tp_btf builds of request mode "http"
+        assert passed and all(
+            why.startswith("BTF-typed tracepoints") and "mapping the array map into memory failed" in why
+            for why in passed
+        ), passed
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("tcp_traffic runs as raw tracepoints" in w and "mapping the array" in w for w in warnings)
+        flow = own_flow_at("127.0.0.78")
+        reader = MapReader(progs)
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.78", 0))
+            srv.listen()
+            with socket.create_connection(srv.getsockname()) as c:
+                peer, _ = srv.accept()
+                with peer:
+                    c.sendall(b"z" * 4321)
+                    got = 0
+                    while got < 4321:
+                        got += len(peer.recv(65536))
+        assert reader.read().flows[flow][0] == 4321
+    finally:
+        progs.close()
+
+
+def test_doctor_names_a_fallback_and_its_reason(btf: Btf, monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.programs as programs
+    from exporter.bpf_syscall import BpfSyscallError
+    from exporter.doctor import check_load
+
+    def refuse(*_: object) -> None:
+        raise BpfSyscallError("mapping the array map into memory failed: Operation not permitted")
+
+    monkeypatch.setattr(programs, "map_array", refuse)
+    check = check_load(btf, None)
+    assert not check.ok and not check.required  # a warning: the exporter still runs
+    assert "hot path: raw tracepoints, the costlier fallback, because: BTF-typed tracepoints" in check.detail
+    assert "mapping the array map into memory failed" in check.detail
+
+
+def own_flow_at(ip: str) -> tuple[int, bytes]:
+    """The flow key of this process's sockets towards `ip` (an address of its own)."""
+    me = Path(f"/proc/{os.getpid()}/cgroup").read_text().strip().split("::")[-1]
+    return os.stat(f"{find_cgroup2_mount()}{me}").st_ino, bytes(10) + b"\xff\xff" + socket.inet_aton(ip)
 
 
 def _disconnect(sock: socket.socket) -> None:

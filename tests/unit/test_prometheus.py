@@ -43,7 +43,7 @@ def sample_snapshot() -> m.Snapshot:
         m.TCP_ACTIVE.name: (s((*WEB, "outbound"), 1.0),),
         m.TCP_RETRANSMITS.name: (s(WEB, 5.0),),
         m.TCP_RESETS.name: (s((*WEB, "sent"), 0.0), s((*WEB, "received"), 1.0)),
-        m.BUILD_INFO.name: (s(("0.1.0", "3.11.2", "0.26.0", "6.1.0"), 1.0),),
+        m.BUILD_INFO.name: (s(("0.1.0", "3.11.2", "0.26.0", "6.1.0", "tp_btf"), 1.0),),
         m.POLL_DURATION.name: (s((), 0.012),),
         m.POLLS.name: (s((), 42.0),),
         m.ERRORS.name: (s(("pods_file",), 1.0),),
@@ -128,7 +128,7 @@ def test_gauges_and_labels(rendered: Rendered, fmt: str) -> None:
     assert attached == {"tcp_probe": 0.0, "sock_send_length": 1.0}
     (info,) = fams[m.BUILD_INFO.name].samples
     assert info.name == "podnet_exporter_build_info"
-    assert info.labels == labels_of(m.BUILD_INFO, ("0.1.0", "3.11.2", "0.26.0", "6.1.0"))
+    assert info.labels == labels_of(m.BUILD_INFO, ("0.1.0", "3.11.2", "0.26.0", "6.1.0", "tp_btf"))
     assert info.value == 1.0
     flows = fams[m.FLOW_BYTES.name].samples
     assert {tuple(s.labels[k] for k in m.FLOW_BYTES.labels) for s in flows} == {

@@ -278,7 +278,7 @@ def test_self_metrics_present() -> None:
     raw.map_failures = {"tcp_flow_bytes": 3, "tcp_bytes_by_cgroup": 0}
     raw.map_entries = {"tcp_flow_bytes": 17, "tcp_socks_open": 2}
     state = ExporterState(
-        build=("0.1.0", "3.11.2", "0.26.0", "6.1.0-18-amd64"),
+        build=("0.1.0", "3.11.2", "0.26.0", "6.1.0-18-amd64", "raw_tracepoint"),
         poll_seconds=0.25,
         polls=42,
         errors={"pods_file": 2, "node_addresses": 1},
@@ -288,7 +288,9 @@ def test_self_metrics_present() -> None:
         bpf_stats={"tcp_probe": (2_500_000_000, 1000)},
     )
     snap = build(raw, {}, state=state)
-    assert values(snap, m.BUILD_INFO) == {("0.1.0", "3.11.2", "0.26.0", "6.1.0-18-amd64"): 1}
+    assert values(snap, m.BUILD_INFO) == {
+        ("0.1.0", "3.11.2", "0.26.0", "6.1.0-18-amd64", "raw_tracepoint"): 1
+    }
     assert values(snap, m.POLL_DURATION) == {(): 0.25}
     assert values(snap, m.POLLS) == {(): 42}
     assert values(snap, m.LAST_POLL) == {(): NOW}

@@ -1,21 +1,21 @@
 """exporter.sockbytes: per-flow totals from live sockets and dead sockets' hand-overs.
 
-The kernel side is modelled: each socket counts its bytes in its storage, hands its totals
-over once when it dies (then its storage is deleted), and a poll reads live storages first
-(skipping those flagged as handed over) and hand-overs second, with anything allowed to
-happen in between."""
+The kernel side is modelled: each socket counts its bytes in its slot, hands its totals
+over once when it dies (then its slot is given back), and a poll reads live slots first
+(skipping those given back) and hand-overs second, with anything allowed to happen in
+between."""
 
 from __future__ import annotations
 
-import struct
+import ctypes as ct
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.bpf_structs import UNTRACKED_PEER, TcpSockRecord
-from exporter.sockbytes import SocketBytes, SocketTotals, decode_records
+from exporter.bpf_structs import UNTRACKED_PEER, TcpSockSlot
+from exporter.sockbytes import SocketBytes, SocketTotals, read_slot, read_slots
 
 PEER_A = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
 PEER_B = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 2])
@@ -25,11 +25,60 @@ def t(sid: int, cg: int, peer: bytes, sent: int, received: int = 0) -> SocketTot
     return SocketTotals(sid, (cg, peer), sent, received)
 
 
-def test_record_layout_matches_the_ctypes_mirror() -> None:
-    rec = TcpSockRecord(7, (42, (type(TcpSockRecord().flow.peer))(*PEER_A)), 100, 20)
-    data = bytes(rec) * 2 + b"\x00" * 5  # a torn tail is ignored
-    assert decode_records(data) == [t(7, 42, PEER_A, 100, 20)] * 2
-    assert struct.calcsize("=QQ16sQQ") == len(bytes(rec))
+def slot(sid: int, cg: int = 0, peer: bytes = bytes(16), sent: int = 0, received: int = 0) -> TcpSockSlot:
+    return TcpSockSlot(sid, (cg, (ct.c_uint8 * 16)(*peer)), sent, received)
+
+
+@pytest.mark.parametrize(
+    ("slots", "high_water", "expected"),
+    [
+        ([], 0, []),
+        # free slots (id 0) and sockets that moved no byte yet are not listed
+        ([slot(0), slot(3, 5, PEER_A, 10, 2), slot(4, 5, PEER_A)], 3, [t(3, 5, PEER_A, 10, 2)]),
+        # nothing at or above the high-water mark is read, even a stale id
+        ([slot(3, 5, PEER_A, 10), slot(9, 6, PEER_B, 1)], 1, [t(3, 5, PEER_A, 10)]),
+        # a high-water mark beyond the array reads the whole array
+        ([slot(3, 5, PEER_B, 0, 7)], 10, [t(3, 5, PEER_B, 0, 7)]),
+    ],
+)
+def test_read_slots_table(slots: list[TcpSockSlot], high_water: int, expected: list[SocketTotals]) -> None:
+    assert read_slots((TcpSockSlot * len(slots))(*slots), high_water) == expected
+
+
+class _Changing:
+    """A slot whose owner changes as it is read: the ids the reader sees, in order."""
+
+    def __init__(self, ids: list[int], cg: int, sent: int) -> None:
+        self._ids = ids
+        self.flow = slot(0, cg, PEER_A).flow
+        self.sent, self.received = sent, 0
+
+    @property
+    def id(self) -> int:
+        return self._ids.pop(0) if len(self._ids) > 1 else self._ids[0]
+
+
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        ([7, 7], [t(7, 5, PEER_A, 40)]),  # steady
+        ([7, 8, 8], [t(8, 5, PEER_A, 40)]),  # taken over between the two id reads: read again
+        ([7, 0], []),  # given back while read: its bytes are in the hand-over
+        ([1, 2, 3, 4, 5, 6, 7], []),  # changing owner under every read: left to the next poll
+    ],
+)
+def test_read_slot_rereads_a_slot_that_changed_owner(ids: list[int], expected: list[SocketTotals]) -> None:
+    assert [read_slot(_Changing(ids, 5, 40))] == (expected or [None])  # type: ignore[arg-type]
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(min_size=16, max_size=16)), max_size=40))
+def test_read_slots_bulk_path_matches_field_by_field(cells: list[tuple[int, bytes]]) -> None:
+    """The bulk copy decodes every slot exactly as reading it field by field does."""
+    slots = (TcpSockSlot * len(cells))(
+        *(slot(i % 3 and i + 1, v, peer, v >> 3, v >> 7) for i, (v, peer) in enumerate(cells))
+    )
+    expected = [r for r in map(read_slot, slots) if r is not None]
+    assert read_slots(slots, len(cells)) == expected
 
 
 @pytest.mark.parametrize(

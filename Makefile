@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup setup-test run test test-unit test-kernel lint bench clean
+.PHONY: setup setup-test run test test-unit test-kernel test-fresh lint bench clean
 
 setup:
 	scripts/setup.sh
@@ -22,6 +22,10 @@ test-unit: setup-test
 
 test-kernel: setup-test
 	$(PY) -m pytest tests/kernel $(ARGS)
+
+# A clean Debian 12 root, the README's set-up and the kernel tests in it (tests/fresh/run.sh).
+test-fresh:
+	tests/fresh/run.sh
 
 lint: setup-test
 	$(VENV)/bin/ruff check exporter tests bench

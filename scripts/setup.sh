@@ -58,9 +58,22 @@ else
     pair=$(apt-cache search --names-only '^linux-headers-' | kh choose --arch "$arch") \
         || die "no linux-headers-<v>-$arch package with its -common package in the apt sources; install a pair by hand, then: python3 -m exporter.kernel_headers build /usr/src/linux-headers-<v>-common /usr/src/linux-headers-<v>-<flavour> $tree"
     read -r flavour_pkg common_pkg <<<"$pair"
-    say "kernel $(uname -r): installing $flavour_pkg and $common_pkg"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$flavour_pkg" "$common_pkg" >/dev/null
-    built=$(kh build "/usr/src/$common_pkg" "/usr/src/$flavour_pkg" "$tree" 2>&1) || die "$built"
+    # Unpacked into podnet's own directory, not installed: the packages depend on a kernel
+    # image and a compiler, which a node does not need for UAPI headers (and installing a
+    # kernel runs initramfs-tools on the user's machine).
+    debs=/var/lib/podnet/headers-packages
+    say "kernel $(uname -r): unpacking $flavour_pkg and $common_pkg into $debs"
+    dl=$(mktemp -d)
+    (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root "$flavour_pkg" "$common_pkg") \
+        || { rm -rf "$dl"; die "apt-get download $flavour_pkg $common_pkg failed"; }
+    rm -rf "$debs.new" && mkdir -p "$debs.new"
+    for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$debs.new"; done
+    rm -rf "$dl"
+    built=$(kh build "$debs.new/usr/src/$common_pkg" "$debs.new/usr/src/$flavour_pkg" "$tree.new" 2>&1) || die "$built"
+    # The tree links into the unpacked packages: move both into place, then rebuild the links
+    # at their final paths (cheap) so that nothing points into a .new directory.
+    rm -rf "$debs" "$tree.new" && mv "$debs.new" "$debs"
+    built=$(kh build "$debs/usr/src/$common_pkg" "$debs/usr/src/$flavour_pkg" "$tree" 2>&1) || die "$built"
     say "kernel headers: $built"
 fi
 

@@ -31,6 +31,7 @@ lint: setup-test
 	$(VENV)/bin/ruff check exporter tests bench
 	$(VENV)/bin/ruff format --check exporter tests bench
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q tests/unit/test_layers.py
 
 bench: setup-test
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v gcc >/dev/null || \

@@ -8,7 +8,7 @@ shuffled rounds; the figure is the median over rounds of (with - without) / 4. M
 
 Steadier than the throughput ratios of tcp_overhead.py (which are what users see), so it
 is the tool for comparing builds. The programs are podnet's own, loaded in-process by
-exporter.programs.load_programs (tcp_traffic only); only the two hot hooks are attached and
+exporter.kernel.programs.load_programs (tcp_traffic only); only the two hot hooks are attached and
 detached per run.
 
     .venv/bin/python bench/event_cost.py [--rounds N] [--iterations N] [--modes byte,http] [--json OUT]

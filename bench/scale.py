@@ -5,7 +5,7 @@
                                     [--max-series N] [--otlp [--exports 10]] [--json OUT]
 
 Needs root (cgroups, BPF). Each size runs in a fresh child process, so its memory numbers are
-its own. A child loads the real programs (exporter.programs.load_programs), creates N pod
+its own. A child loads the real programs (exporter.kernel.programs.load_programs), creates N pod
 cgroups in the kubelet layout (systemd driver, containerd) under a private parent below the
 cgroup2 mount, loads a matching PodList into the pod store, and fills the kernel maps directly
 with BCC table updates: every pod gets flows to two pod peers of other workloads and one
@@ -21,8 +21,8 @@ The cgroups are removed when the child ends.
 With --otlp, after that, each child also times OTLP export per protocol (gRPC, then OTLP/HTTP
 protobuf): it starts the real receiver of tests/otlp_receivers.py on 127.0.0.1, builds the
 OtlpConfig as `podnet-exporter run --otlp-endpoint ... --otlp-protocol ...` does
-(exporter.config.resolve, no OTEL_* variables: exponential histograms, cumulative, no
-compression; interval one day so only explicit exports run) and an exporter.otlp.OtlpPusher whose
+(exporter.app.config.resolve, no OTEL_* variables: exponential histograms, cumulative, no
+compression; interval one day so only explicit exports run) and an exporter.export.otlp.OtlpPusher whose
 get_snapshot returns the poller's latest snapshot, as service wires it. Before each timed
 export_now() it polls once, so every export has a new snapshot to send (the pusher sends a
 snapshot only once). Per export: wall time, the exporting thread's CPU time (time.thread_time),
@@ -161,7 +161,7 @@ class PodCgroups:
 
 def fill_maps(programs: Any, pods: list[BenchPod]) -> dict[str, int]:
     """Write every pod's entries into the kernel maps; returns entries written per map."""
-    from exporter import bpf_structs as bs
+    from exporter.kernel import bpf_structs as bs
 
     written: dict[str, int] = {}
 
@@ -244,7 +244,7 @@ class Server:
     def __init__(self, snapshots: Any) -> None:
         from aiohttp import web
 
-        from exporter.http_app import SNAPSHOTS, add_routes
+        from exporter.export.http_app import SNAPSHOTS, add_routes
 
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -295,7 +295,7 @@ def receiver_points(requests: list[Any]) -> int:
 
 def otlp_config(endpoint: str, protocol: str) -> Any:
     """The OtlpConfig `podnet-exporter run` builds for these flags (no OTEL_* variables)."""
-    from exporter.config import parse_args, resolve
+    from exporter.app.config import parse_args, resolve
 
     argv = ["run", "--otlp-endpoint", endpoint, "--otlp-protocol", protocol, "--otlp-interval", "86400"]
     cfg = resolve(parse_args(argv)[1], {}).otlp
@@ -312,7 +312,7 @@ def run_otlp(poller: Any, snapshots: Any, exports: int) -> dict[str, Any]:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from exporter import otlp
+    from exporter.export import otlp
 
     out: dict[str, Any] = {}
     snap = snapshots.current.snapshot
@@ -384,18 +384,19 @@ def run_otlp(poller: Any, snapshots: Any, exports: int) -> dict[str, Any]:
 def run_one(
     n: int, polls: int, scrapes: int, max_series: int, profile: bool = False, otlp_exports: int = 0
 ) -> dict[str, Any]:
-    import exporter.poller as poller_mod
-    from exporter.btf import Btf
-    from exporter.cgroups import CgroupIndex, find_cgroup2_mount
-    from exporter.identity import IdentityResolver
-    from exporter.maps import MapReader
-    from exporter.metadata import PodStore
-    from exporter.model import BucketLayout
-    from exporter.offsets import resolve_offsets
-    from exporter.peers import PeerResolver
-    from exporter.pods import parse_pod_list
-    from exporter.programs import MapSizes, load_programs
-    from exporter.prometheus import Exposition
+    import exporter.app.poller as poller_mod
+    from exporter.export.http_app import SnapshotStore
+    from exporter.export.prometheus import Exposition
+    from exporter.kernel.btf import Btf
+    from exporter.kernel.maps import MapReader
+    from exporter.kernel.offsets import resolve_offsets
+    from exporter.kernel.programs import MapSizes, load_programs
+    from exporter.metrics.model import BucketLayout
+    from exporter.metrics.peers import PeerResolver
+    from exporter.pods.cgroups import CgroupIndex, find_cgroup2_mount
+    from exporter.pods.identity import IdentityResolver
+    from exporter.pods.metadata import PodStore
+    from exporter.pods.pods import parse_pod_list
 
     out: dict[str, Any] = {"pods": n, "rss_start_kib": vm_kib("VmRSS")}
     btf = Btf.load()
@@ -434,7 +435,7 @@ def run_one(
         parts.resolver.dead = stages.wrap("dead_check", parts.resolver.dead)  # type: ignore[method-assign]
         exposition.render = stages.wrap("render", exposition.render)  # type: ignore[method-assign]
         poller_mod.build_snapshot = stages.wrap("snapshot", poller_mod.build_snapshot)  # type: ignore[attr-defined]
-        snapshots = poller_mod.SnapshotStore(exposition)
+        snapshots = SnapshotStore(exposition)
         poller = poller_mod.Poller(parts, snapshots, interval=5.0)
         settle = getattr(poller_mod, "settle_heap", None)
         if settle is not None:  # what service does once the poller exists

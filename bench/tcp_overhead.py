@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from exporter.config import RequestMode
+    from exporter.kernel.programs import RequestMode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,9 +188,9 @@ class EmptyPrograms:
         sys.path.insert(0, str(REPO))
         from bcc import BPF
 
-        from exporter.bpf_syscall import load_tp_btf
-        from exporter.btf import Btf
-        from exporter.kernel_headers import find_tree
+        from exporter.kernel.bpf_syscall import load_tp_btf
+        from exporter.kernel.btf import Btf
+        from exporter.kernel.headers import find_tree
 
         btf = Btf.load()
         headers = find_tree()
@@ -206,7 +206,7 @@ class EmptyPrograms:
         self._links: list[int] = []
 
     def attach(self) -> None:
-        from exporter.bpf_syscall import attach_tp_btf
+        from exporter.kernel.bpf_syscall import attach_tp_btf
 
         self._links = [attach_tp_btf(fd) for fd in self._progs]
 
@@ -231,7 +231,7 @@ BUILDS: dict[str, dict[str, Any]] = {
 
 
 class LoadedBuild:
-    """The exporter's own programs (exporter.programs.load_programs, every program), loaded
+    """The exporter's own programs (exporter.kernel.programs.load_programs, every program), loaded
     in this process once; the two hot hooks are attached only while measured, the rest
     (per-connection events) stay attached."""
 
@@ -241,9 +241,9 @@ class LoadedBuild:
         self, requests: RequestMode = "http", tp_btf: bool = True, only_hot_path: bool = False
     ) -> None:
         sys.path.insert(0, str(REPO))
-        from exporter.btf import Btf
-        from exporter.offsets import resolve_offsets
-        from exporter.programs import PROGRAMS, MapSizes, load_programs
+        from exporter.kernel.btf import Btf
+        from exporter.kernel.offsets import resolve_offsets
+        from exporter.kernel.programs import PROGRAMS, MapSizes, load_programs
 
         btf = Btf.load()
         specs = [p for p in PROGRAMS if p.name == "tcp_traffic"] if only_hot_path else PROGRAMS
@@ -262,7 +262,7 @@ class LoadedBuild:
                 self.progs.objects["tcp_traffic"].detach_raw_tracepoint(tp=h.encode())
 
     def attach(self) -> None:
-        from exporter.bpf_syscall import attach_tp_btf
+        from exporter.kernel.bpf_syscall import attach_tp_btf
 
         if self.progs.tp_btf:
             self._links = [attach_tp_btf(self.progs.tp_btf[h][0]) for h in self.HOT]

@@ -31,13 +31,13 @@ if (( ${#missing[@]} )); then
 fi
 
 # --- kernel headers for BCC ------------------------------------------------
-# podnet compiles against its own merged tree of a Debian headers pair (exporter/kernel_headers.py:
+# podnet compiles against its own merged tree of a Debian headers pair (exporter/kernel/headers.py:
 # the -common directory with the flavour directory on top) and writes nothing under /lib/modules.
 # Only UAPI definitions and config macros come from the headers (struct layouts come from BTF), so
 # the nearest package is fine when none matches the running kernel.
 py=/usr/bin/python3
 tree=/var/lib/podnet/kernel-headers
-kh() { (cd "$here" && "$py" -m exporter.kernel_headers "$@"); }
+kh() { (cd "$here" && "$py" -m exporter.kernel.headers "$@"); }
 explicit=${PODNET_KERNEL_HEADERS:-}
 explicit_ok=0
 if [[ -n "$explicit" ]]; then
@@ -56,7 +56,7 @@ else
     apt_update
     arch=$(dpkg --print-architecture)
     pair=$(apt-cache search --names-only '^linux-headers-' | kh choose --arch "$arch") \
-        || die "no linux-headers-<v>-$arch package with its -common package in the apt sources; install a pair by hand, then: python3 -m exporter.kernel_headers build /usr/src/linux-headers-<v>-common /usr/src/linux-headers-<v>-<flavour> $tree"
+        || die "no linux-headers-<v>-$arch package with its -common package in the apt sources; install a pair by hand, then: python3 -m exporter.kernel.headers build /usr/src/linux-headers-<v>-common /usr/src/linux-headers-<v>-<flavour> $tree"
     read -r flavour_pkg common_pkg <<<"$pair"
     # Unpacked into podnet's own directory, not installed: the packages depend on a kernel
     # image and a compiler, which a node does not need for UAPI headers (and installing a

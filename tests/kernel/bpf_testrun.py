@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes as ct
 
-from exporter.bpf_syscall import bpf
+from exporter.kernel.bpf_syscall import bpf
 
 _BPF_PROG_TEST_RUN = 10
 

@@ -1,4 +1,4 @@
-"""What this host allows, probed once per test session (exporter.kernel_probe): tests
+"""What this host allows, probed once per test session (exporter.kernel.kernel_probe): tests
 expect the build the host can load, not the build of the machine they were written on."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from exporter.btf import Btf
-from exporter.kernel_probe import preferred_build_refused, probe_preferred_build
+from exporter.kernel.btf import Btf
+from exporter.kernel.kernel_probe import preferred_build_refused, probe_preferred_build
 
 
 @functools.cache
@@ -30,7 +30,7 @@ def refusal_under(prefix: list[str]) -> str:
     """preferred_refused() as a process started with `prefix` (e.g. setpriv dropping
     capabilities) sees it."""
     code = (
-        "from exporter.btf import Btf; from exporter.kernel_probe import *; "
+        "from exporter.kernel.btf import Btf; from exporter.kernel.kernel_probe import *; "
         "print(preferred_build_refused(probe_preferred_build(Btf.load())))"
     )
     run = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, check=True)

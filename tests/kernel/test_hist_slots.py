@@ -11,11 +11,11 @@ from bpf_testrun import run_raw_tp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.bpf_structs import HIST_INDEX_OFFSET, HIST_SLOTS
-from exporter.kernel_headers import find_tree
-from exporter.model import BucketLayout, slot_upper_bound
-from exporter.offsets import CORE_FIELDS
-from exporter.programs import BPF_DIR
+from exporter.kernel.headers import find_tree
+from exporter.kernel.offsets import CORE_FIELDS
+from exporter.kernel.programs import BPF_DIR
+from exporter.metrics.histogram import HIST_INDEX_OFFSET, HIST_SLOTS
+from exporter.metrics.model import BucketLayout, slot_upper_bound
 
 HERE = Path(__file__).resolve().parent
 MAX_OCTAVE = 40

@@ -208,6 +208,6 @@ def test_readiness_does_not_wait_for_the_api(cluster: SimCluster, token_file: st
         finally:
             assert proc.stop() == 0, proc.log()
         log = proc.log_path.read_text(errors="replace")
-        errors = [line for line in log.splitlines() if " ERROR exporter.kube" in line]
+        errors = [line for line in log.splitlines() if " ERROR exporter.pods.kube" in line]
         assert len(errors) == 1, errors
         assert "cannot connect (Connection refused)" in errors[0]

@@ -18,13 +18,14 @@ import pytest
 from hostprobe import preferred_refused, refusal_under, require_preferred_build
 from podsim import SimCluster, client_argv, ready_path, server_argv, wait_for_file
 
-from exporter.bpf_structs import HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES, SockInfo
-from exporter.bpfstats import prog_run_stats
-from exporter.btf import Btf
-from exporter.cgroups import find_cgroup2_mount
-from exporter.maps import MapReader
-from exporter.offsets import resolve_offsets
-from exporter.programs import LoadedPrograms, MapSizes, load_programs
+from exporter.kernel.bpf_structs import SockInfo
+from exporter.kernel.bpfstats import prog_run_stats
+from exporter.kernel.btf import Btf
+from exporter.kernel.maps import MapReader
+from exporter.kernel.offsets import resolve_offsets
+from exporter.kernel.programs import LoadedPrograms, MapSizes, load_programs
+from exporter.metrics.raw import HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES
+from exporter.pods.cgroups import find_cgroup2_mount
 
 V4_LOOPBACK = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
 ROLE_SERVER, ROLE_CLIENT = ROLES.index("server"), ROLES.index("client")
@@ -403,8 +404,8 @@ def test_a_forced_fallback_is_loud(
     """A host that refuses part of the preferred build (here: mapping the counters' array)
     gets the raw-tracepoint build, a WARNING with the reason, and data_path says so; the
     numbers stay exact."""
-    import exporter.programs as programs
-    from exporter.bpf_syscall import BpfSyscallError
+    import exporter.kernel.programs as programs
+    from exporter.kernel.bpf_syscall import BpfSyscallError
 
     def refuse(*_: object) -> None:
         raise BpfSyscallError("mapping the array map into memory failed: Operation not permitted")
@@ -438,9 +439,9 @@ def test_a_forced_fallback_is_loud(
 
 
 def test_doctor_names_a_fallback_and_its_reason(btf: Btf, monkeypatch: pytest.MonkeyPatch) -> None:
-    import exporter.programs as programs
-    from exporter.bpf_syscall import BpfSyscallError
-    from exporter.doctor import check_load
+    import exporter.kernel.programs as programs
+    from exporter.app.doctor import check_load
+    from exporter.kernel.bpf_syscall import BpfSyscallError
 
     def refuse(*_: object) -> None:
         raise BpfSyscallError("mapping the array map into memory failed: Operation not permitted")

@@ -1,4 +1,5 @@
-"""Tests for exporter.btf: synthetic blobs from a tiny BTF writer, fuzzing, and the running kernel's BTF."""
+"""Tests for exporter.kernel.btf: synthetic blobs from a tiny BTF writer, fuzzing, and the running
+kernel's BTF."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.btf import Btf, BtfError, FieldInfo
+from exporter.kernel.btf import Btf, BtfError, FieldInfo
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 BPFTOOL = shutil.which("bpftool") or ("/usr/sbin/bpftool" if os.path.exists("/usr/sbin/bpftool") else None)
 
-# Kind numbers from Documentation/bpf/btf.rst, spelled out independently of exporter.btf.
+# Kind numbers from Documentation/bpf/btf.rst, spelled out independently of exporter.kernel.btf.
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST = range(1, 11)
 RESTRICT, FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(11, 20)
 
@@ -805,7 +806,7 @@ def test_kernel_missing_field_message(vmlinux: Btf) -> None:
 def test_pre_5_15_cgroup_layout_names_the_minimum_kernel() -> None:
     """Linux 5.10's sock_cgroup_data (a union of bitfields and a tagged `val`, no `cgroup`
     pointer): offset resolution fails with the kernel podnet needs, not a bare field name."""
-    from exporter.offsets import CORE_FIELDS, resolve_field
+    from exporter.kernel.offsets import CORE_FIELDS, resolve_field
 
     w = BtfWriter()
     u8, u16, u32, u64 = (

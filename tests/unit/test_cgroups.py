@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.cgroups import (
+from exporter.pods.cgroups import (
     CgroupError,
     CgroupIndex,
     CgroupRef,

@@ -1,4 +1,4 @@
-"""Tests for exporter.cli, run as `python -m exporter` in a subprocess: every bad input ends
+"""Tests for exporter.app.cli, run as `python -m exporter` in a subprocess: every bad input ends
 as exactly one `podnet-exporter: error:` line and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exporter import __version__
-from exporter.config import build_parser
+from exporter.app.config import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "podnet-exporter: error:"

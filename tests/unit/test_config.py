@@ -1,4 +1,4 @@
-"""Tests for exporter.config: parsing, precedence, OTEL_* variables, the YAML file and error messages."""
+"""Tests for exporter.app.config: parsing, precedence, OTEL_* variables, the YAML file and error messages."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter import __version__
-from exporter import config as config_module
-from exporter.config import Config, ConfigError, OtlpConfig, parse_args, resolve
+from exporter.app import config as config_module
+from exporter.app.config import Config, ConfigError, parse_args, resolve
+from exporter.export.otlp_config import OtlpConfig
 
 WriteConfig = Callable[[object], Path]
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter import model
+from exporter.metrics import model
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO / "dashboards"

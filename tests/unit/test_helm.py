@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import exporter
-from exporter.config import parse_args, resolve
+from exporter.app.config import parse_args, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm" / "podnet-exporter"

@@ -1,4 +1,4 @@
-"""Tests for exporter.http_app: /metrics content negotiation, /healthz, /readyz."""
+"""Tests for exporter.export.http_app: /metrics content negotiation, /healthz, /readyz."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from exporter import model as m
-from exporter.http_app import SNAPSHOTS, add_routes
-from exporter.poller import SnapshotStore
-from exporter.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Exposition
+from exporter.export.http_app import SNAPSHOTS, SnapshotStore, add_routes
+from exporter.export.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Exposition
+from exporter.metrics import model as m
 
 WEB = ("shop", "web-7c9f8d6b5-x2x4q", "nginx", "web", "Deployment")
 

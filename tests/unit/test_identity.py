@@ -1,4 +1,4 @@
-"""Tests for exporter.identity: cgroup -> pod/container identity, and the caching resolver."""
+"""Tests for exporter.pods.identity: cgroup -> pod/container identity, and the caching resolver."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
-from exporter.identity import Identity, IdentityResolver, identity_of
-from exporter.metadata import PodStore
-from exporter.pods import PodMeta
+from exporter.pods.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
+from exporter.pods.identity import Identity, IdentityResolver, identity_of
+from exporter.pods.metadata import PodStore
+from exporter.pods.pods import PodMeta
 
 UID = "5f1d3c1e-8a2b-4c3d-9e4f-0123456789ab"
 UID_US = UID.replace("-", "_")

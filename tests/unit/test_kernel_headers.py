@@ -1,4 +1,4 @@
-"""exporter.kernel_headers: the Debian headers pair to install, podnet's merged tree, the check of
+"""exporter.kernel.headers: the Debian headers pair to install, podnet's merged tree, the check of
 what BCC opens, and the order in which podnet looks for a tree. The package list is real
 `apt-cache search --names-only '^linux-headers-'` output captured on a Debian 12 machine."""
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import kernel_headers as kh
-from exporter.kernel_headers import (
+from exporter.kernel import headers as kh
+from exporter.kernel.headers import (
     BCC_ENV,
     HeadersError,
     HeadersPackage,
@@ -430,7 +430,7 @@ def test_module_needs_only_the_system_python(tmp_path: Path) -> None:
     if not system.exists():
         pytest.skip("no /usr/bin/python3")
     code = (
-        "import sys; before = set(sys.modules); import exporter.kernel_headers; "
+        "import sys; before = set(sys.modules); import exporter.kernel.headers; "
         "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
         "print(sorted(new - set(sys.stdlib_module_names) - {'exporter'}))"
     )
@@ -443,7 +443,7 @@ def test_module_needs_only_the_system_python(tmp_path: Path) -> None:
         [
             str(system),
             "-m",
-            "exporter.kernel_headers",
+            "exporter.kernel.headers",
             "choose",
             "--release",
             "6.1.0-47-cloud-amd64",
@@ -555,7 +555,7 @@ def test_find_suggests_building_from_an_installed_pair(places: dict[str, Path]) 
     assert not found.ok
     src = places["usr_src"]
     assert found.fix == (
-        "run 'make setup' (as root); or python3 -m exporter.kernel_headers build "
+        "run 'make setup' (as root); or python3 -m exporter.kernel.headers build "
         f"{src}/linux-headers-6.12.117+deb12-common {src}/linux-headers-6.12.117+deb12-cloud-amd64"
     )
 

@@ -1,11 +1,11 @@
-"""exporter.kernel_probe: the verdict line built from probe results (the probes themselves
+"""exporter.kernel.kernel_probe: the verdict line built from probe results (the probes themselves
 run on the real kernel in tests/kernel/test_programs.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from exporter.kernel_probe import Probe, preferred_build_refused
+from exporter.kernel.kernel_probe import Probe, preferred_build_refused
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests for exporter.kube: the Kubernetes API pod source, against the protocol-faithful fake API server
+"""Tests for exporter.pods.kube: the Kubernetes API pod source, against the protocol-faithful fake API server
 in tests/fake_kube_api.py (127.0.0.1 only). No assertion depends on wall-clock time: tests wait for
 conditions with bounded timeouts."""
 
@@ -23,14 +23,14 @@ from typing import Any, ParamSpec
 
 import pytest
 
-from exporter import config as config_module
-from exporter import model as m
-from exporter.config import ConfigError, KubeConfig, parse_args, resolve
-from exporter.kube import Backoff, KubeWatcher, Timing, parse_pod_list_response
-from exporter.maps import RawData
-from exporter.metadata import PodStore
-from exporter.poller import FileSourceHealth
-from exporter.snapshot import ExporterState, MetadataSourceState, build_snapshot
+from exporter.app import config as config_module
+from exporter.app.config import ConfigError, parse_args, resolve
+from exporter.app.poller import FileSourceHealth
+from exporter.metrics import model as m
+from exporter.metrics.raw import RawData
+from exporter.metrics.snapshot import ExporterState, build_snapshot
+from exporter.pods.kube import Backoff, KubeConfig, KubeWatcher, Timing, parse_pod_list_response
+from exporter.pods.metadata import MetadataSourceState, PodStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_kube_api import FakeKubeApi, make_pod  # lives in tests/, shared with the kernel tests
@@ -115,7 +115,7 @@ async def synced(w: KubeWatcher, api: FakeKubeApi) -> None:
 
 
 def kube_errors(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "exporter.kube" and r.levelno == level]
+    return [r.getMessage() for r in caplog.records if r.name == "exporter.pods.kube" and r.levelno == level]
 
 
 # ---- list and watch ------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ async def test_watch_timeout_rewatches_without_error(api: FakeKubeApi, token_fil
 async def test_outage_keeps_the_store_and_recovers(
     api: FakeKubeApi, token_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.kube")
+    caplog.set_level(logging.INFO, logger="exporter.pods.kube")
     api.add_pod(make_pod("steady", node=NODE))
     async with running(watcher(api, token_file)) as w:
         await synced(w, api)

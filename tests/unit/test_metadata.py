@@ -1,4 +1,4 @@
-"""Tests for exporter.metadata: the pod store and the pods-file source."""
+"""Tests for exporter.pods.metadata: the pod store and the pods-file source."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import metadata as metadata_module
-from exporter.metadata import PodsFileSource, PodStore
-from exporter.pods import PodMeta, PodsFileError
+from exporter.pods import metadata as metadata_module
+from exporter.pods.metadata import PodsFileSource, PodStore
+from exporter.pods.pods import PodMeta, PodsFileError
 
 UID_WEB = "5f1d3c1e-8a2b-4c3d-9e4f-0123456789ab"
 UID_DB = "9a9b9c9d-0000-4111-8222-333344445555"
@@ -339,7 +339,7 @@ def test_initial_load_skips_bad_items_with_a_warning(
     path = tmp_path / "pods.json"
     path.write_text(pod_list(WEB, bad))
     store = PodStore()
-    with caplog.at_level(logging.WARNING, logger="exporter.metadata"):
+    with caplog.at_level(logging.WARNING, logger="exporter.pods.metadata"):
         PodsFileSource(str(path), store).load_initial()
     assert len(store) == 1
     assert any("items[1]" in r.getMessage() for r in caplog.records)
@@ -435,7 +435,7 @@ def test_malformed_update_keeps_last_good_metadata(pods_path: Path, caplog: pyte
     src = PodsFileSource(str(pods_path), store)
     src.load_initial()
     version = store.version
-    with caplog.at_level(logging.ERROR, logger="exporter.metadata"):
+    with caplog.at_level(logging.ERROR, logger="exporter.pods.metadata"):
         rewrite(pods_path, '{"kind": "Pod", "items": []}')
         assert src.refresh() is False
         assert src.errors == 1
@@ -459,7 +459,7 @@ def test_malformed_update_keeps_last_good_metadata(pods_path: Path, caplog: pyte
     assert "not valid JSON" in errors[1].getMessage()
     # A good file again is loaded; a later identical problem is logged again.
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="exporter.metadata"):
+    with caplog.at_level(logging.ERROR, logger="exporter.pods.metadata"):
         rewrite(pods_path, pod_list(WEB))
         assert src.refresh() is True
         assert len(store) == 1

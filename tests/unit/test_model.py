@@ -1,4 +1,4 @@
-"""Tests for exporter.model: histogram slot arithmetic, Prometheus bucket layouts, metric specs."""
+"""Tests for exporter.metrics.model: histogram slot arithmetic, Prometheus bucket layouts, metric specs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import model as m
-from exporter.bpf_structs import HIST_INDEX_OFFSET, HIST_SCALE, HIST_SLOTS
+from exporter.metrics import model as m
+from exporter.metrics.histogram import HIST_INDEX_OFFSET, HIST_SCALE, HIST_SLOTS
 
 SCALES = (0, 1, 2)
 ALL_SLOTS = range(HIST_SLOTS)

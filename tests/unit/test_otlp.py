@@ -1,4 +1,4 @@
-"""Tests for exporter.otlp: names, attributes, and snapshots pushed through OtlpPusher to real OTLP
+"""Tests for exporter.export.otlp: names, attributes, and snapshots pushed through OtlpPusher to real OTLP
 receivers (gRPC and HTTP/protobuf on 127.0.0.1)."""
 
 from __future__ import annotations
@@ -24,11 +24,18 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.version import __version__ as sdk_version
 
-from exporter import __version__, otlp
-from exporter import model as m
-from exporter.bpf_structs import HIST_INDEX_OFFSET
-from exporter.config import OtlpConfig
-from exporter.otlp import OtlpPusher, otel_identity, point_attributes, prometheus_name, snapshot_metrics
+from exporter import __version__
+from exporter.export import otlp
+from exporter.export.otlp import (
+    OtlpPusher,
+    otel_identity,
+    point_attributes,
+    prometheus_name,
+    snapshot_metrics,
+)
+from exporter.export.otlp_config import OtlpConfig
+from exporter.metrics import model as m
+from exporter.metrics.histogram import HIST_INDEX_OFFSET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import otlp_receivers as rx  # lives in tests/, shared with the kernel tests
@@ -659,7 +666,7 @@ def test_one_log_line_per_failed_interval(
     for i in range(3):
         holder.set(snapshot(start + i + 1))
         assert not pusher.export_now()
-    ours = [r for r in caplog.records if r.name == "exporter.otlp"]
+    ours = [r for r in caplog.records if r.name == "exporter.export.otlp"]
     assert [r.levelno for r in ours] == [logging.WARNING] * 3
     assert all(receiver.endpoint in r.getMessage() for r in ours)
     assert "Connection refused" in ours[-1].getMessage() or "UNAVAILABLE" in ours[-1].getMessage()

@@ -1,4 +1,4 @@
-"""Tests for exporter.peers: flow peer addresses, local addresses, peer classification."""
+"""Tests for exporter.metrics.peers: flow peer addresses, local addresses, peer classification."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import peers as peers_module
-from exporter.identity import Identity
-from exporter.metadata import PodStore
-from exporter.peers import (
+from exporter.metrics import peers as peers_module
+from exporter.metrics.peers import (
     PEER_EXTERNAL,
     PEER_NODE,
     PEER_POD,
@@ -20,7 +18,9 @@ from exporter.peers import (
     peer_address,
     read_local_addresses,
 )
-from exporter.pods import PodMeta
+from exporter.pods.identity import Identity
+from exporter.pods.metadata import PodStore
+from exporter.pods.pods import PodMeta
 
 
 def v4(addr: str) -> bytes:
@@ -283,7 +283,7 @@ def test_node_addresses_are_reread_only_when_stale(monkeypatch: pytest.MonkeyPat
         reads.append(1)
         return frozenset({f"10.0.0.{len(reads)}"})
 
-    monkeypatch.setattr("exporter.peers.read_local_addresses", fake_read)
+    monkeypatch.setattr("exporter.metrics.peers.read_local_addresses", fake_read)
     r = PeerResolver(PodStore())
     r.refresh_node_addresses(100.0, max_age=30)
     r.refresh_node_addresses(120.0, max_age=30)

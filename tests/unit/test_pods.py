@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.pods import (
+from exporter.pods.pods import (
     PodMeta,
     PodMetadataError,
     PodsFileError,

@@ -1,9 +1,8 @@
-"""Which builds of each eBPF program the loader tries, in which order (exporter.programs.variants)."""
+"""Which builds of each eBPF program the loader tries, in which order (exporter.kernel.programs.variants)."""
 
 from __future__ import annotations
 
-from exporter.config import REQUEST_MODES
-from exporter.programs import PROGRAMS, Variant, variants
+from exporter.kernel.programs import PROGRAMS, REQUEST_MODES, Variant, variants
 
 TRAFFIC = next(p for p in PROGRAMS if p.name == "tcp_traffic")
 STATE = next(p for p in PROGRAMS if p.name == "tcp_state")

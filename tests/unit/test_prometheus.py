@@ -1,4 +1,4 @@
-"""Tests for exporter.prometheus: snapshot rendering in the text format and OpenMetrics."""
+"""Tests for exporter.export.prometheus: snapshot rendering in the text format and OpenMetrics."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from exporter import model as m
-from exporter.prometheus import (
+from exporter.export.prometheus import (
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
     Exposition,
     Rendered,
 )
+from exporter.metrics import model as m
 
 WEB = ("shop", "web-7c9f8d6b5-x2x4q", "nginx", "web", "Deployment")
 DB = ("data", "db-0", "postgres", "db", "StatefulSet")

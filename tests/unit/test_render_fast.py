@@ -1,4 +1,4 @@
-"""exporter.prometheus.render_fast writes exactly what prometheus_client writes, much faster."""
+"""exporter.export.prometheus.render_fast writes exactly what prometheus_client writes, much faster."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import model as m
-from exporter.bpf_structs import HIST_SLOTS
-from exporter.prometheus import Exposition, render_fast
+from exporter.export.prometheus import Exposition, render_fast
+from exporter.metrics import model as m
+from exporter.metrics.histogram import HIST_SLOTS
 
 # Label values as the exporter may see them: pod and container names, but also whatever a
 # pods file or a cgroup name holds (quotes, backslashes, newlines, non-ASCII).

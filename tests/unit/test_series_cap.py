@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import model as m
-from exporter.identity import Identity
-from exporter.maps import CgroupCounters, RawData
-from exporter.pods import PodMeta
-from exporter.snapshot import CAPPED_FAMILIES, ExporterState, build_snapshot, cap_series
+from exporter.metrics import model as m
+from exporter.metrics.raw import CgroupCounters, RawData
+from exporter.metrics.snapshot import CAPPED_FAMILIES, ExporterState, build_snapshot, cap_series
+from exporter.pods.identity import Identity
+from exporter.pods.pods import PodMeta
 
 Labels = tuple[str, ...]
 

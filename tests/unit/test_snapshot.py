@@ -1,4 +1,4 @@
-"""Tests for exporter.snapshot.build_snapshot: raw kernel data + identities -> Snapshot."""
+"""Tests for exporter.metrics.snapshot.build_snapshot: raw kernel data + identities -> Snapshot."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import model as m
-from exporter.identity import Identity
-from exporter.maps import CgroupCounters, RawData
-from exporter.pods import PodMeta
-from exporter.snapshot import ExporterState, MetadataSourceState, build_snapshot
+from exporter.metrics import model as m
+from exporter.metrics.raw import CgroupCounters, RawData
+from exporter.metrics.snapshot import ExporterState, build_snapshot
+from exporter.pods.identity import Identity
+from exporter.pods.metadata import MetadataSourceState
+from exporter.pods.pods import PodMeta
 
 UID_A = "5f1d3c1e-8a2b-4c3d-9e4f-0123456789ab"
 UID_B = "9a9b9c9d-0000-4111-8222-333344445555"

@@ -1,4 +1,4 @@
-"""exporter.sockbytes: per-flow totals from live sockets and dead sockets' hand-overs.
+"""exporter.kernel.sockbytes: per-flow totals from live sockets and dead sockets' hand-overs.
 
 The kernel side is modelled: each socket counts its bytes in its slot, hands its totals
 over once when it dies (then its slot is given back), and a poll reads live slots first
@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.bpf_structs import UNTRACKED_PEER, TcpSockSlot
-from exporter.sockbytes import SocketBytes, SocketTotals, read_slot, read_slots
+from exporter.kernel.bpf_structs import TcpSockSlot
+from exporter.kernel.sockbytes import SocketBytes, SocketTotals, read_slot, read_slots
+from exporter.metrics.raw import UNTRACKED_PEER
 
 PEER_A = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
 PEER_B = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 2])

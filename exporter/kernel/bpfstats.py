@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 from pathlib import Path
 
-from exporter.bpf_syscall import BpfSyscallError, bpf
+from exporter.kernel.bpf_syscall import BpfSyscallError, bpf
 
 _BPF_OBJ_GET_INFO_BY_FD = 15
 

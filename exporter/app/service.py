@@ -11,20 +11,20 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from exporter.btf import Btf
-from exporter.cgroups import CgroupIndex, find_cgroup2_mount
-from exporter.config import Config
-from exporter.http_app import SNAPSHOTS, add_routes
-from exporter.identity import IdentityResolver
-from exporter.kube import KubeWatcher
-from exporter.maps import MapReader
-from exporter.metadata import PodsFileSource, PodStore
-from exporter.model import BucketLayout
-from exporter.offsets import resolve_offsets
-from exporter.peers import PeerResolver
-from exporter.poller import Poller, PollerParts, SnapshotStore, settle_heap
-from exporter.programs import MapSizes, load_programs
-from exporter.prometheus import Exposition
+from exporter.app.config import Config
+from exporter.app.poller import Poller, PollerParts, settle_heap
+from exporter.export.http_app import SNAPSHOTS, SnapshotStore, add_routes
+from exporter.export.prometheus import Exposition
+from exporter.kernel.btf import Btf
+from exporter.kernel.maps import MapReader
+from exporter.kernel.offsets import resolve_offsets
+from exporter.kernel.programs import MapSizes, load_programs
+from exporter.metrics.model import BucketLayout
+from exporter.metrics.peers import PeerResolver
+from exporter.pods.cgroups import CgroupIndex, find_cgroup2_mount
+from exporter.pods.identity import IdentityResolver
+from exporter.pods.kube import KubeWatcher
+from exporter.pods.metadata import PodsFileSource, PodStore
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     pusher = None
     if config.otlp is not None:
         # Imported only when used: the OpenTelemetry SDK and gRPC cost ~15 MiB.
-        from exporter.otlp import OtlpPusher
+        from exporter.export.otlp import OtlpPusher
 
         pusher = OtlpPusher(
             config.otlp,

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from exporter.btf import Btf, BtfError
+from exporter.kernel.btf import Btf, BtfError
 
 
 @dataclass(frozen=True)

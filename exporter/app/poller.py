@@ -20,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter import __version__
-from exporter.bpfstats import prog_run_stats, stats_enabled
-from exporter.identity import Identity, IdentityResolver
-from exporter.kube import KubeWatcher
-from exporter.lifecycle import Retired, drop_from_raw
-from exporter.maps import MapReader, RawData
-from exporter.metadata import PodsFileSource, PodStore
-from exporter.model import EMPTY_SNAPSHOT, Snapshot
-from exporter.peers import PeerResolver
-from exporter.programs import LoadedPrograms
-from exporter.prometheus import Exposition, Rendered
-from exporter.snapshot import ExporterState, MetadataSourceState, build_snapshot
+from exporter.export.http_app import SnapshotStore
+from exporter.export.prometheus import Exposition, Rendered
+from exporter.kernel.bpfstats import prog_run_stats, stats_enabled
+from exporter.kernel.maps import MapReader
+from exporter.kernel.programs import LoadedPrograms
+from exporter.metrics.lifecycle import Retired, drop_from_raw
+from exporter.metrics.model import EMPTY_SNAPSHOT, Snapshot
+from exporter.metrics.peers import PeerResolver
+from exporter.metrics.raw import RawData
+from exporter.metrics.snapshot import ExporterState, build_snapshot
+from exporter.pods.identity import Identity, IdentityResolver
+from exporter.pods.kube import KubeWatcher
+from exporter.pods.metadata import MetadataSourceState, PodsFileSource, PodStore
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +95,6 @@ def bcc_version() -> str:
         return str(v)
     except Exception:
         return "unknown"
-
-
-class SnapshotStore:
-    """Latest rendered snapshot. Replaced whole by the poller; readers never block."""
-
-    def __init__(self, exposition: Exposition) -> None:
-        self.current: Rendered = exposition.render(EMPTY_SNAPSHOT)
-        self.ready = asyncio.Event()
-        self.polls = 0
 
 
 @dataclass

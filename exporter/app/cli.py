@@ -11,13 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from exporter.btf import Btf, BtfError
-from exporter.cgroups import CgroupError
-from exporter.config import ConfigError, parse_args, resolve
-from exporter.kernel_headers import PODNET_ENV, find_tree
-from exporter.offsets import resolve_offsets
-from exporter.pods import PodsFileError
-from exporter.programs import (
+from exporter.app.config import ConfigError, parse_args, resolve
+from exporter.app.service import ServeError, serve
+from exporter.kernel.btf import Btf, BtfError
+from exporter.kernel.headers import PODNET_ENV, find_tree
+from exporter.kernel.offsets import resolve_offsets
+from exporter.kernel.programs import (
     BPF_DIR,
     PROGRAMS,
     MapSizes,
@@ -26,7 +25,8 @@ from exporter.programs import (
     program_cflags,
     variants,
 )
-from exporter.service import ServeError, serve
+from exporter.pods.cgroups import CgroupError
+from exporter.pods.pods import PodsFileError
 
 _PROG = "podnet-exporter"
 FATAL = (ConfigError, BtfError, CgroupError, PodsFileError, ProgramLoadError, ServeError)
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command, ns = parse_args(args)
         if command == "doctor":
-            from exporter import doctor
+            from exporter.app import doctor
 
             config = resolve(ns, os.environ)
             return doctor.main(config.cgroup_root, kernel_headers=config.kernel_headers)

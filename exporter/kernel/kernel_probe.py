@@ -16,7 +16,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from exporter.bpf_syscall import (
+from exporter.kernel.bpf_syscall import (
     BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_STACK,
@@ -26,7 +26,7 @@ from exporter.bpf_syscall import (
     load_tp_btf_insns,
     map_array,
 )
-from exporter.btf import Btf
+from exporter.kernel.btf import Btf
 
 # r0 = 0; exit: the smallest program the verifier accepts.
 _RETURN_ZERO = bytes.fromhex("b7000000000000009500000000000000")

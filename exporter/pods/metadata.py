@@ -13,9 +13,21 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from exporter.pods import PodMeta, PodsFileError, load_pod_list
+from exporter.pods.pods import PodMeta, PodsFileError, load_pod_list
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetadataSourceState:
+    """Health of one pod metadata source ("kubernetes" or "file"), for the self-metrics."""
+
+    source: str
+    up: bool
+    last_sync: float
+    """Unix time the store was last known to match the source; 0: never."""
+    relists: int
+    errors: int
 
 
 class PodStore:

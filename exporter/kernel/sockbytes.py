@@ -16,7 +16,8 @@ import ctypes as ct
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from exporter.bpf_structs import UNTRACKED_PEER, TcpFlowKey, TcpSockSlot
+from exporter.kernel.bpf_structs import TcpFlowKey, TcpSockSlot
+from exporter.metrics.raw import UNTRACKED_PEER
 
 Flow = tuple[int, bytes]
 """(owner cgroup id, peer address as 16 bytes)"""

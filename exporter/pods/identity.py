@@ -7,8 +7,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from exporter.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
-from exporter.metadata import PodStore
+from exporter.pods.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
+from exporter.pods.metadata import PodStore
 
 
 @dataclass(frozen=True)

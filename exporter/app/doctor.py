@@ -8,13 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.bpf_syscall import BPF_MAP_TYPE_ARRAY, BpfSyscallError, create_map
-from exporter.btf import Btf, BtfError
-from exporter.cgroups import CgroupError, find_cgroup2_mount
-from exporter.kernel_headers import find_tree
-from exporter.kernel_probe import preferred_build_refused, probe_preferred_build
-from exporter.offsets import resolve_offsets
-from exporter.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
+from exporter.kernel.bpf_syscall import BPF_MAP_TYPE_ARRAY, BpfSyscallError, create_map
+from exporter.kernel.btf import Btf, BtfError
+from exporter.kernel.headers import find_tree
+from exporter.kernel.kernel_probe import preferred_build_refused, probe_preferred_build
+from exporter.kernel.offsets import resolve_offsets
+from exporter.kernel.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
+from exporter.pods.cgroups import CgroupError, find_cgroup2_mount
 
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38

@@ -3,7 +3,7 @@
 The list/watch protocol is spoken directly over aiohttp rather than through a client library,
 because the exporter needs exact control of what those libraries hide or get wrong (see README,
 "Pod metadata from the Kubernetes API"): the resourceVersion a watch resumes from, BOOKMARK
-events, relisting on 410 Gone, and the raw Pod JSON so that exporter.pods validates every object.
+events, relisting on 410 Gone, and the raw Pod JSON so that exporter.pods.pods validates every object.
 
 The protocol, as the API server implements it:
 
@@ -35,14 +35,26 @@ from typing import Any, Final
 
 import aiohttp
 
-from exporter.config import KubeConfig
-from exporter.metadata import PodStore
-from exporter.pods import PodMeta, PodMetadataError, pod_from_json
-from exporter.snapshot import MetadataSourceState
+from exporter.pods.metadata import MetadataSourceState, PodStore
+from exporter.pods.pods import PodMeta, PodMetadataError, pod_from_json
 
 __all__ = ["SOURCE", "Backoff", "KubeWatcher", "Timing", "parse_pod_list_response"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KubeConfig:
+    """Where and how to reach the Kubernetes API. ``url`` has no trailing slash; ``token_file`` is
+    re-read for every request (rotated service-account tokens); ``in_cluster`` says the URL came
+    from KUBERNETES_SERVICE_HOST/PORT rather than --kube-api."""
+
+    url: str
+    token_file: str | None
+    ca_file: str | None
+    insecure_skip_tls_verify: bool
+    in_cluster: bool
+
 
 SOURCE: Final = "kubernetes"
 _PODS_PATH: Final = "/api/v1/pods"

@@ -86,9 +86,9 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.version import __version__ as sdk_version
 
 from exporter import __version__
-from exporter import model as m
-from exporter.bpf_structs import HIST_SCALE
-from exporter.config import OtlpConfig
+from exporter.export.otlp_config import OtlpConfig
+from exporter.metrics import model as m
+from exporter.metrics.histogram import HIST_SCALE
 
 __all__ = [
     "OtlpPusher",

@@ -22,18 +22,17 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
-from exporter.bpf_structs import MAP_TYPES
-from exporter.bpf_syscall import BpfSyscallError, MappedArray, attach_tp_btf, load_tp_btf, map_array
-from exporter.btf import Btf
-from exporter.config import RequestMode
-from exporter.kernel_headers import find_tree
-from exporter.offsets import Offsets
+from exporter.kernel.bpf_structs import MAP_TYPES
+from exporter.kernel.bpf_syscall import BpfSyscallError, MappedArray, attach_tp_btf, load_tp_btf, map_array
+from exporter.kernel.btf import Btf
+from exporter.kernel.headers import find_tree
+from exporter.kernel.offsets import Offsets
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(os.environ.get("PODNET_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
+BPF_DIR = Path(os.environ.get("PODNET_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
 
 
 class ProgramLoadError(Exception):
@@ -144,6 +143,10 @@ class Variant:
             parts.append("requests without HTTP recognition")
         return ", ".join(parts)
 
+
+RequestMode = Literal["http", "turns", "off"]
+"""Request tracking build (Config.requests): see _REQUEST_BUILDS."""
+REQUEST_MODES: Final[tuple[RequestMode, ...]] = get_args(RequestMode)
 
 _REQUEST_BUILDS: dict[RequestMode, list[tuple[str, ...]]] = {
     # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the program

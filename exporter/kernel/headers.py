@@ -11,7 +11,7 @@ podnet reads kernel struct layouts from BTF and takes only UAPI definitions and 
 the headers, so headers of any kernel version work; the nearest one is still preferred.
 
 Stdlib only, and importable by the system python3 with just the repository on the path:
-``scripts/setup.sh`` runs ``python3 -m exporter.kernel_headers`` before the virtualenv exists.
+``scripts/setup.sh`` runs ``python3 -m exporter.kernel.headers`` before the virtualenv exists.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def describe_origin(tree: str | os.PathLike[str]) -> str:
 def _origin_text(common: Path, flavour: Path) -> str:
     lines = [
         "# podnet's kernel headers tree for BCC: symlinks into these directories, flavour on top.",
-        "# Rebuild: python3 -m exporter.kernel_headers build COMMON FLAVOUR [DEST]",
+        "# Rebuild: python3 -m exporter.kernel.headers build COMMON FLAVOUR [DEST]",
         f"common={common}",
         f"flavour={flavour}",
     ]
@@ -535,11 +535,11 @@ def _fix(usr_src: str, release: str, machine: str | None) -> str:
     if pick is None:
         return (
             f"{_FIX}; or install linux-headers-<v>-common and linux-headers-<v>-<flavour>, then "
-            f"python3 -m exporter.kernel_headers build {usr_src}/linux-headers-<v>-common "
+            f"python3 -m exporter.kernel.headers build {usr_src}/linux-headers-<v>-common "
             f"{usr_src}/linux-headers-<v>-<flavour>"
         )
     flavour, common = pick.names
-    return f"{_FIX}; or python3 -m exporter.kernel_headers build {usr_src}/{common} {usr_src}/{flavour}"
+    return f"{_FIX}; or python3 -m exporter.kernel.headers build {usr_src}/{common} {usr_src}/{flavour}"
 
 
 _DPKG_ARCHES: Final = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i386", "ppc64le": "ppc64el"}
@@ -559,12 +559,12 @@ def _dpkg_arch(machine: str | None = None) -> str:
     return _DPKG_ARCHES.get(machine, machine)
 
 
-# --- python3 -m exporter.kernel_headers ---------------------------------------------------------------
+# --- python3 -m exporter.kernel.headers ---------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python3 -m exporter.kernel_headers",
+        prog="python3 -m exporter.kernel.headers",
         description="Kernel headers for BCC: choose Debian packages, build podnet's tree, check a tree.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

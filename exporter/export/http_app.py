@@ -7,8 +7,18 @@ import asyncio
 from aiohttp import web
 
 from exporter import __version__
-from exporter.poller import SnapshotStore
-from exporter.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Rendered
+from exporter.export.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Exposition, Rendered
+from exporter.metrics.model import EMPTY_SNAPSHOT
+
+
+class SnapshotStore:
+    """Latest rendered snapshot. Replaced whole by the poller; readers never block."""
+
+    def __init__(self, exposition: Exposition) -> None:
+        self.current: Rendered = exposition.render(EMPTY_SNAPSHOT)
+        self.ready = asyncio.Event()
+        self.polls = 0
+
 
 SNAPSHOTS = web.AppKey("snapshots", SnapshotStore)
 

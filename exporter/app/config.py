@@ -24,12 +24,15 @@ import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, NoReturn, TypeVar, get_args
+from typing import Final, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
 from exporter import __version__
+from exporter.export.otlp_config import OtlpConfig
+from exporter.kernel.programs import REQUEST_MODES, RequestMode
+from exporter.pods.kube import KubeConfig
 
 __all__ = ["Config", "ConfigError", "KubeConfig", "OtlpConfig", "build_parser", "parse_args", "resolve"]
 
@@ -63,8 +66,6 @@ _OTLP_TEMPORALITIES: Final = ("cumulative", "delta")
 _OTEL_TEMPORALITIES: Final = ("cumulative", "delta", "lowmemory")
 _DEFAULT_OTLP_TEMPORALITY: Final = "cumulative"
 _OTEL_COMPRESSIONS: Final = ("gzip", "none")
-RequestMode = Literal["http", "turns", "off"]
-REQUEST_MODES: Final[tuple[RequestMode, ...]] = get_args(RequestMode)
 
 # Config file keys. Each names a flag ("--" + key with "_" -> "-"; keys under otlp get "--otlp-"), except
 # the otlp section itself.
@@ -121,30 +122,6 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class OtlpConfig:
-    """OTLP push settings; present in :class:`Config` only when an endpoint is configured.
-
-    ``endpoint`` is a full URL used as-is (host:port given for grpc gets ``http://``; the generic
-    OTEL_EXPORTER_OTLP_ENDPOINT gets ``/v1/metrics`` appended for http/protobuf, as the spec says).
-    ``interval`` and ``timeout`` are seconds. Header names are lowercased because gRPC metadata
-    rejects uppercase ones. ``compression`` is None for no compression. ``temporality`` may be
-    "lowmemory" when it came from OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE.
-    """
-
-    endpoint: str
-    protocol: str
-    interval: float
-    timeout: float
-    headers: tuple[tuple[str, str], ...]
-    insecure: bool
-    compression: str | None
-    certificate: str | None
-    histogram: str
-    temporality: str
-    resource_attributes: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
 class Config:
     """Validated settings. ``listen_host`` holds IPv6 addresses without brackets; ``cgroup_root`` None
     means auto-detect; ``cluster_name`` "" means not set; ``config_file`` is the file that was read."""
@@ -172,20 +149,7 @@ class Config:
     kernel_headers: str | None = None
     """The kernel headers tree BCC compiles against; None means the first usable of
     $BCC_KERNEL_SOURCE, podnet's own tree and /lib/modules/<release>/build
-    (exporter.kernel_headers.find_tree)."""
-
-
-@dataclass(frozen=True)
-class KubeConfig:
-    """Where and how to reach the Kubernetes API. ``url`` has no trailing slash; ``token_file`` is
-    re-read for every request (rotated service-account tokens); ``in_cluster`` says the URL came
-    from KUBERNETES_SERVICE_HOST/PORT rather than --kube-api."""
-
-    url: str
-    token_file: str | None
-    ca_file: str | None
-    insecure_skip_tls_verify: bool
-    in_cluster: bool
+    (exporter.kernel.headers.find_tree)."""
 
 
 # --- command line -----------------------------------------------------------------------------------

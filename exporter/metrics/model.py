@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter.bpf_structs import HIST_INDEX_OFFSET, HIST_SCALE
+from exporter.metrics.histogram import HIST_INDEX_OFFSET, HIST_SCALE
 
 
 class Kind(enum.Enum):

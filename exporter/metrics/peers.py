@@ -10,9 +10,9 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from exporter.bpf_structs import UNTRACKED_PEER
-from exporter.identity import Identity
-from exporter.metadata import PodStore
+from exporter.metrics.raw import UNTRACKED_PEER
+from exporter.pods.identity import Identity
+from exporter.pods.metadata import PodStore
 
 log = logging.getLogger(__name__)
 

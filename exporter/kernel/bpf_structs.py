@@ -1,7 +1,9 @@
 """ctypes mirrors of the eBPF maps' key and value structs (bpf/*.bpf.c, bpf/podnet.h).
 
 This is the only place the layouts are written down on the Python side; tests compare
-each against the layout BCC derives from the C source.
+each against the layout BCC derives from the C source. The values the C writes into them
+(histogram slot layout, request codes, the untracked-peer key) are metric-side contracts:
+exporter.metrics.histogram and exporter.metrics.raw.
 """
 
 from __future__ import annotations
@@ -9,11 +11,6 @@ from __future__ import annotations
 import ctypes as ct
 from typing import Any
 
-HIST_SLOTS = 164
-"""PODNET_HIST_SLOTS: kernel histogram slots (exponential scale 2 over 2^-30 s units)."""
-HIST_SCALE = 2
-HIST_INDEX_OFFSET = 120
-"""Slot i is the OpenTelemetry exponential bucket index i - 120 at scale 2, in seconds."""
 MAX_MAP_IDS = 8
 
 
@@ -86,16 +83,6 @@ class TcpSockIds(ct.Structure):
     _fields_ = [("last_id", ct.c_uint64), ("slots_taken", ct.c_uint64)]
 
 
-UNTRACKED_PEER = bytes(16)
-"""Flow key peer of the bytes counted in tcp_flow_overflow (flow map full)."""
-
-# bpf/requests.h codes: index = code.
-ROLES = ("", "server", "client")
-PROTOCOLS = ("", "other", "http")
-HTTP_METHODS = ("", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE")
-STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
-
-
 class HistVal(ct.Structure):
     _fields_ = [("count", ct.c_uint64), ("sum_ns", ct.c_uint64)]
 
@@ -107,10 +94,6 @@ class ConnectStart(ct.Structure):
 class OpenSock(ct.Structure):
     _fields_ = [("cgroup_id", ct.c_uint64), ("direction", ct.c_uint32), ("pad", ct.c_uint32)]
 
-
-# Index order of the arrays in TcpConnCounters (DIR_*, FAIL_* in tcp_state.bpf.c).
-DIRECTIONS = ("outbound", "inbound")
-FAIL_REASONS = ("refused", "timeout", "reset", "other")
 
 CgroupKey = ct.c_uint64
 SockKey = ct.c_uint64

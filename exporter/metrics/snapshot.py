@@ -9,11 +9,20 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from exporter import model as m
-from exporter.bpf_structs import DIRECTIONS, FAIL_REASONS, HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES
-from exporter.identity import Identity
-from exporter.maps import RawData, Slots
-from exporter.pods import PodMeta
+from exporter.metrics import model as m
+from exporter.metrics.raw import (
+    DIRECTIONS,
+    FAIL_REASONS,
+    HTTP_METHODS,
+    PROTOCOLS,
+    ROLES,
+    STATUS_CLASSES,
+    RawData,
+    Slots,
+)
+from exporter.pods.identity import Identity
+from exporter.pods.metadata import MetadataSourceState
+from exporter.pods.pods import PodMeta
 
 NS_PER_S = 1e9
 RESET_DIRECTIONS = ("sent", "received")
@@ -22,18 +31,6 @@ CAPPED_FAMILIES: tuple[m.MetricSpec, ...] = m.POD_FAMILIES + m.INFO_FAMILIES
 """Families whose series grow with pods and peers; the self-metrics are bounded by the code."""
 
 _V = TypeVar("_V")
-
-
-@dataclass(frozen=True)
-class MetadataSourceState:
-    """Health of one pod metadata source ("kubernetes" or "file"), for the self-metrics."""
-
-    source: str
-    up: bool
-    last_sync: float
-    """Unix time the store was last known to match the source; 0: never."""
-    relists: int
-    errors: int
 
 
 @dataclass

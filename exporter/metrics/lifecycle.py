@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from exporter.identity import Identity
-from exporter.maps import CgroupCounters, RawData, Slots
+from exporter.metrics.raw import CgroupCounters, RawData, Slots
+from exporter.pods.identity import Identity
 
 
 def _add_counters(into: CgroupCounters, c: CgroupCounters) -> None:

@@ -9,48 +9,15 @@ import ctypes as ct
 import errno
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from exporter import bpf_structs as bs
-from exporter.programs import LoadedPrograms
-from exporter.sockbytes import SocketBytes, SocketTotals, read_slots
+from exporter.kernel import bpf_structs as bs
+from exporter.kernel.programs import LoadedPrograms
+from exporter.kernel.sockbytes import SocketBytes, SocketTotals, read_slots
+from exporter.metrics.raw import UNTRACKED_PEER, RawData, Slots
 
 log = logging.getLogger(__name__)
-
-Slots = dict[int, tuple[int, int]]
-"""kernel histogram slot -> (count, sum in ns)."""
-RequestLabels = tuple[int, int, int, int]
-
-
-@dataclass
-class CgroupCounters:
-    sent: int = 0
-    received: int = 0
-    opened: list[int] = field(default_factory=lambda: [0, 0])
-    closed: list[int] = field(default_factory=lambda: [0, 0])
-    active: list[int] = field(default_factory=lambda: [0, 0])
-    failed: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
-    retransmits: int = 0
-    resets_sent: int = 0
-    resets_received: int = 0
-
-
-@dataclass
-class RawData:
-    """Everything one poll read, keyed by cgroup id; sums over CPUs already taken."""
-
-    cgroups: dict[int, CgroupCounters] = field(default_factory=lambda: defaultdict(CgroupCounters))
-    flows: dict[tuple[int, bytes], tuple[int, int]] = field(default_factory=dict)
-    rtt: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
-    connect: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
-    requests: dict[int, dict[RequestLabels, Slots]] = field(default_factory=lambda: defaultdict(dict))
-    """cgroup -> (role, protocol, method, status class codes) -> duration slots (their counts
-    are the request counts)."""
-    map_failures: dict[str, int] = field(default_factory=dict)
-    map_entries: dict[str, int] = field(default_factory=dict)
 
 
 class MapReader:
@@ -119,7 +86,7 @@ class MapReader:
             raw.map_entries["tcp_flow_bytes"] = len(raw.flows)
             n = 0
             for k, (sent, received) in self._summed("tcp_traffic", "tcp_flow_overflow"):
-                raw.flows[(_int(k), bs.UNTRACKED_PEER)] = (sent, received)
+                raw.flows[(_int(k), UNTRACKED_PEER)] = (sent, received)
                 c = raw.cgroups[_int(k)]
                 c.sent += sent
                 c.received += received
@@ -226,7 +193,7 @@ class MapReader:
         for cg, peer in raw.flows:
             if cg not in dead:
                 continue
-            if peer == bs.UNTRACKED_PEER:
+            if peer == UNTRACKED_PEER:
                 keys.append(("tcp_traffic", "tcp_flow_overflow", bs.CgroupKey(cg)))
             else:
                 key = bs.TcpFlowKey(cg, (ct.c_uint8 * 16).from_buffer_copy(peer))
@@ -269,7 +236,7 @@ def lookup_batches(
     Our own loop rather than BCC's: besides the allocation above, BCC 0.26 passes one
     c_uint32 as both the batch token and the count, so a read needing a second call would
     resume at a bucket number that is really an entry count."""
-    from bcc.libbcc import lib  # late: importing exporter.maps must not need BCC
+    from bcc.libbcc import lib  # late: importing exporter.kernel.maps must not need BCC
 
     entry = ct.sizeof(table.Key) + ct.sizeof(table.Leaf)
     chunk = max(1, min(int(table.max_entries), budget // entry))

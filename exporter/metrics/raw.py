@@ -1,0 +1,56 @@
+"""One poll's kernel data as plain Python values: what exporter.kernel.maps produces and the
+metric layer (snapshot, lifecycle, peers) consumes, and the codes the BPF programs write.
+
+The codes are a contract with bpf/*.bpf.c (tests compare them with the C source); they live
+here so that turning raw data into metrics needs nothing from exporter.kernel.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+Slots = dict[int, tuple[int, int]]
+"""kernel histogram slot -> (count, sum in ns)."""
+RequestLabels = tuple[int, int, int, int]
+
+UNTRACKED_PEER = bytes(16)
+"""Flow key peer of the bytes counted in tcp_flow_overflow (flow map full)."""
+
+# bpf/requests.h codes: index = code.
+ROLES = ("", "server", "client")
+PROTOCOLS = ("", "other", "http")
+HTTP_METHODS = ("", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+# Index order of the arrays in TcpConnCounters (DIR_*, FAIL_* in tcp_state.bpf.c).
+DIRECTIONS = ("outbound", "inbound")
+FAIL_REASONS = ("refused", "timeout", "reset", "other")
+
+
+@dataclass
+class CgroupCounters:
+    sent: int = 0
+    received: int = 0
+    opened: list[int] = field(default_factory=lambda: [0, 0])
+    closed: list[int] = field(default_factory=lambda: [0, 0])
+    active: list[int] = field(default_factory=lambda: [0, 0])
+    failed: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    retransmits: int = 0
+    resets_sent: int = 0
+    resets_received: int = 0
+
+
+@dataclass
+class RawData:
+    """Everything one poll read, keyed by cgroup id; sums over CPUs already taken."""
+
+    cgroups: dict[int, CgroupCounters] = field(default_factory=lambda: defaultdict(CgroupCounters))
+    flows: dict[tuple[int, bytes], tuple[int, int]] = field(default_factory=dict)
+    rtt: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
+    connect: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
+    requests: dict[int, dict[RequestLabels, Slots]] = field(default_factory=lambda: defaultdict(dict))
+    """cgroup -> (role, protocol, method, status class codes) -> duration slots (their counts
+    are the request counts)."""
+    map_failures: dict[str, int] = field(default_factory=dict)
+    map_entries: dict[str, int] = field(default_factory=dict)

@@ -25,9 +25,13 @@ RUN apt-get update \
 FROM base AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python3 -m venv /opt/podnet/venv
+# PyPI dependencies from the runtime lock (exact versions, hash-checked), then the exporter itself
+# without resolving anything again: the image gets what CI tested, not whatever is newest today.
+COPY requirements.lock /src/
+RUN /opt/podnet/venv/bin/pip install --require-hashes -r /src/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY exporter/ /src/exporter/
-RUN /opt/podnet/venv/bin/pip install /src \
+RUN /opt/podnet/venv/bin/pip install --no-deps /src \
     # Expose Debian's BCC to the venv, as scripts/setup.sh does: a link, not a copy, so the
     # Python binding always matches the libbpfcc.so installed next to it.
     && site=$(/opt/podnet/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \

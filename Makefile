@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup setup-test run test test-unit test-kernel test-fresh lint bench clean
+.PHONY: setup setup-test run test test-unit test-kernel test-fresh lint bench lock clean
 
 setup:
 	scripts/setup.sh
@@ -41,6 +41,22 @@ bench: setup-test
 	$(PY) bench/tcp_overhead.py --skip-pingpong --pin --wrk 1,8 --pairs 41 --seconds 1 --skip-costs
 	$(PY) bench/event_cost.py
 	$(PY) bench/scale.py
+
+# Regenerate requirements.lock (runtime: make setup, the image) and requirements-test.lock (runtime +
+# test: make setup-test, CI) from pyproject.toml: exact pins with hashes for CPython 3.11, from PyPI
+# only (this machine's pip config is ignored), by pip-tools in a throwaway venv. Existing pins are
+# kept unless UPGRADE=1; the runtime lock is seeded from the test lock so the two always agree.
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 CUSTOM_COMPILE_COMMAND="make lock"; \
+	unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT PIP_REQUIRE_HASHES; \
+	/usr/bin/python3 -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install -q -U pip 'pip-tools>=7.4'; \
+	compile="$$tmp/venv/bin/pip-compile -q --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links"; \
+	$$compile $(if $(UPGRADE),--upgrade) --extra test -o requirements-test.lock pyproject.toml; \
+	cp requirements-test.lock requirements.lock; \
+	$$compile -o requirements.lock pyproject.toml; \
+	echo "lock: requirements.lock, requirements-test.lock"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

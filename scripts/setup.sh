@@ -92,12 +92,17 @@ bcc_src=/usr/lib/python3/dist-packages/bcc
 [[ -d "$bcc_src" ]] || die "$bcc_src missing; install python3-bpfcc"
 [[ -e "$site/bcc" ]] || ln -s "$bcc_src" "$site/bcc"
 
+# PyPI dependencies come from the lock (exact versions, hash-checked; `make lock` regenerates it
+# from pyproject.toml), then podnet itself, editable and without resolving anything again.
 extra=""
-(( want_test )) && extra="[test]"
+lock="$here/requirements.lock"
+(( want_test )) && { extra="[test]"; lock="$here/requirements-test.lock"; }
+[[ -f "$lock" ]] || die "$lock missing; regenerate it with: make lock"
 stamp="$venv/.installed$extra"
-if [[ ! -f "$stamp" || "$here/pyproject.toml" -nt "$stamp" ]]; then
-    say "installing podnet-exporter$extra into $venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -e "$here$extra"
+if [[ ! -f "$stamp" || "$here/pyproject.toml" -nt "$stamp" || "$lock" -nt "$stamp" ]]; then
+    say "installing podnet-exporter$extra into $venv from ${lock##*/}"
+    "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes -r "$lock"
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -e "$here"
     touch "$stamp"
 fi
 "$venv/bin/python" -c 'import bcc, exporter' || die "venv check failed: bcc or exporter not importable"

@@ -273,8 +273,15 @@ class Poller:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            work = asyncio.ensure_future(asyncio.to_thread(self.poll_once))
             try:
-                rendered = await asyncio.to_thread(self.poll_once)
+                rendered = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be interrupted, and the programs it reads (their counters'
+                # array is mapped into this process) are closed once this task ends: end
+                # only after the poll in flight has.
+                await asyncio.wait([work])
+                raise
             except Exception as e:
                 self._error("poll", e)
             else:

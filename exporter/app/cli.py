@@ -40,7 +40,7 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def bpf_source(preprocessed: bool, out: Sequence[str] | None = None) -> int:
+def bpf_source(preprocessed: bool) -> int:
     """Print what the loader would compile: the offsets and flags per program, then the C."""
     btf = Btf.load()
     offsets = resolve_offsets(btf)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes as ct
 from typing import Any
 
-MAX_MAP_IDS = 8
-
 
 class TcpBytes(ct.Structure):
     _fields_ = [("sent", ct.c_uint64), ("received", ct.c_uint64)]

@@ -200,7 +200,7 @@ BUILD_INFO = MetricSpec(
 POLL_DURATION = MetricSpec(
     "podnet_exporter_poll_duration_seconds",
     Kind.GAUGE,
-    "Duration of the last poll (map reads, pod resolution, snapshot).",
+    "Duration of the last poll's map reads and pod resolution (taken before its snapshot is built).",
     (),
     unit="seconds",
 )

@@ -25,8 +25,6 @@ from exporter.pods.metadata import MetadataSourceState
 from exporter.pods.pods import PodMeta
 
 NS_PER_S = 1e9
-RESET_DIRECTIONS = ("sent", "received")
-FLOW_DIRECTIONS = ("sent", "received")
 CAPPED_FAMILIES: tuple[m.MetricSpec, ...] = m.POD_FAMILIES + m.INFO_FAMILIES
 """Families whose series grow with pods and peers; the self-metrics are bounded by the code."""
 

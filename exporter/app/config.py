@@ -1,10 +1,12 @@
 """Settings for podnet-exporter from flags, environment variables and a YAML config file.
 
-Each ``run`` setting comes from, in order of precedence: its flag, its ``PODNET_<FLAG>`` variable, its
-key in the config file, then the default. The standard ``OTEL_*`` variables fill OTLP settings that
-podnet's own sources leave unset. All validation happens here, so the rest of the exporter can trust a
-:class:`Config` and every bad input is reported the same way: one :class:`ConfigError` line naming the
-flag, variable or file key at fault and how to fix it.
+Every setting is declared once, in :data:`SETTINGS`: its flag, ``PODNET_<FLAG>`` variable, config file
+key, parser (which validates), default and help; the argparse parser, the env and file readers and the
+README's settings table are all derived from it. Each ``run`` setting comes from, in order of
+precedence: its flag, its variable, its key in the config file, then the default. The standard
+``OTEL_*`` variables fill OTLP settings that podnet's own sources leave unset. All validation happens
+here, so the rest of the exporter can trust a :class:`Config` and every bad input is reported the same
+way: one :class:`ConfigError` line naming the flag, variable or file key at fault and how to fix it.
 
 Config file values of the wrong YAML type fail (``listen: 9436``), but strings are parsed the same way as
 flag and environment values, so templating tools that quote everything (``max_series: "5000"``) work.
@@ -24,7 +26,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
@@ -34,72 +36,30 @@ from exporter.export.otlp_config import OtlpConfig
 from exporter.kernel.programs import REQUEST_MODES, RequestMode
 from exporter.pods.kube import KubeConfig
 
-__all__ = ["Config", "ConfigError", "KubeConfig", "OtlpConfig", "build_parser", "parse_args", "resolve"]
+__all__ = [
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "KubeConfig",
+    "OtlpConfig",
+    "Setting",
+    "build_parser",
+    "parse_args",
+    "readme_rows",
+    "resolve",
+]
 
 _T = TypeVar("_T")
 
 _PROG: Final = "podnet-exporter"
-
-_DEFAULT_LISTEN: Final = "0.0.0.0:9436"
-_DEFAULT_LISTEN_HOST: Final = "0.0.0.0"
-_DEFAULT_LISTEN_PORT: Final = 9436
-_DEFAULT_POLL_INTERVAL: Final = 5.0
 _MAX_POLL_INTERVAL: Final = 3600.0
-_DEFAULT_LOG_LEVEL: Final = "info"
-_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-_DEFAULT_MAX_SERIES: Final = 10000
-_DEFAULT_MAP_ENTRIES: Final = 65536
 _MIN_MAP_ENTRIES: Final = 1024
 _MAX_MAP_ENTRIES: Final = 4194304
-_DEFAULT_HISTOGRAM_SCALE: Final = 0
-_MAX_HISTOGRAM_SCALE: Final = 2
-
 _OTLP_PROTOCOLS: Final = ("grpc", "http/protobuf")
-_DEFAULT_OTLP_PROTOCOL: Final = "grpc"
-_DEFAULT_OTLP_INTERVAL: Final = 60.0
-_DEFAULT_OTLP_TIMEOUT: Final = 10.0
-_OTLP_HISTOGRAMS: Final = ("exponential", "explicit")
-_DEFAULT_OTLP_HISTOGRAM: Final = "exponential"
-_OTLP_TEMPORALITIES: Final = ("cumulative", "delta")
 # The spec's "lowmemory" is accepted from OTEL_* only and kept verbatim: it means delta for counters
 # but cumulative for up-down counters, which only the OTLP exporter can apply.
 _OTEL_TEMPORALITIES: Final = ("cumulative", "delta", "lowmemory")
-_DEFAULT_OTLP_TEMPORALITY: Final = "cumulative"
-_OTEL_COMPRESSIONS: Final = ("gzip", "none")
 
-# Config file keys. Each names a flag ("--" + key with "_" -> "-"; keys under otlp get "--otlp-"), except
-# the otlp section itself.
-_TOP_KEYS: Final = (
-    "listen",
-    "poll_interval",
-    "pods_file",
-    "node_name",
-    "cgroup_root",
-    "kernel_headers",
-    "log_level",
-    "max_series",
-    "map_entries",
-    "histogram_scale",
-    "requests",
-    "cluster_name",
-    "kube_api",
-    "kube_token_file",
-    "kube_ca_file",
-    "kube_insecure_skip_tls_verify",
-    "otlp",
-)
-_OTLP_KEYS: Final = (
-    "endpoint",
-    "protocol",
-    "interval",
-    "headers",
-    "timeout",
-    "insecure",
-    "histogram",
-    "temporality",
-)
-
-_PODS_FILE_FIX: Final = "pass an existing file, e.g. kubectl get pods -o json > pods.json"
 # Where Kubernetes mounts a pod's service-account credentials; a module variable so tests can move it.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
@@ -152,170 +112,6 @@ class Config:
     (exporter.kernel.headers.find_tree)."""
 
 
-# --- command line -----------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """Raises ConfigError instead of printing usage and exiting 2, so every bad input, wherever it came
-    from, is reported the same way by the caller."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message}; see {_PROG} --help")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``podnet-exporter`` parser with subcommands run, doctor and bpf-source.
-
-    Options default to None so that :func:`resolve` can tell "not given" from "given", which the
-    flag > env > file > default precedence needs.
-    """
-    parser = _Parser(
-        prog=_PROG,
-        description="eBPF network metrics exporter for Kubernetes pods.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-
-    run = commands.add_parser(
-        "run",
-        help="export metrics (the normal mode)",
-        description="Export per-pod network metrics. Every option can also be set with the environment "
-        "variable shown, or in the --config file under the option's name in snake_case; "
-        "precedence is option > environment > config file > default.",
-        allow_abbrev=False,
-    )
-    _add(
-        run, "--listen", "HOST:PORT", f"address for /metrics, [v6]:PORT for IPv6 (default {_DEFAULT_LISTEN})"
-    )
-    _add(
-        run,
-        "--poll-interval",
-        "SECONDS",
-        f"how often to read the BPF maps (default {_DEFAULT_POLL_INTERVAL:g})",
-    )
-    _add(run, "--pods-file", "PATH", "read pods from this `kubectl get pods -o json` output, not the API")
-    _add(
-        run,
-        "--kube-api",
-        "URL",
-        "Kubernetes API server to watch this node's pods from (default: in a pod, the cluster's own)",
-    )
-    _add(run, "--kube-token-file", "PATH", "bearer token for the API (default: the service-account token)")
-    _add(run, "--kube-ca-file", "PATH", "CA certificate of the API (default: the service-account ca.crt)")
-    run.add_argument(
-        "--kube-insecure-skip-tls-verify",
-        action="store_true",
-        default=None,
-        help="do not verify the API server's certificate (tests, development) "
-        "[env PODNET_KUBE_INSECURE_SKIP_TLS_VERIFY=true]",
-    )
-    _add(run, "--node-name", "NAME", "this node's name (default: $NODE_NAME, else the hostname)")
-    _add_shared(run)
-    _add(run, "--log-level", "LEVEL", f"one of {', '.join(_LOG_LEVELS)} (default {_DEFAULT_LOG_LEVEL})")
-    _add(run, "--max-series", "N", f"cap on exported series (default {_DEFAULT_MAX_SERIES})")
-    _add(
-        run,
-        "--map-entries",
-        "N",
-        f"BPF map size, {_MIN_MAP_ENTRIES}-{_MAX_MAP_ENTRIES} (default {_DEFAULT_MAP_ENTRIES})",
-    )
-    _add(
-        run,
-        "--histogram-scale",
-        "{0,1,2}",
-        f"latency histogram resolution (default {_DEFAULT_HISTOGRAM_SCALE})",
-    )
-    _add(
-        run,
-        "--requests",
-        "http|turns|off",
-        "request tracking: http (counted, HTTP/1.x recognised), turns (counted, payload never "
-        "read), off (the cheapest data path) (default http)",
-    )
-    _add(run, "--cluster-name", "NAME", "cluster name to attach to metrics (default: none)")
-    _add(run, "--otlp-endpoint", "URL", "push metrics over OTLP to this URL (default: OTLP off)")
-    _add(run, "--otlp-protocol", "grpc|http/protobuf", f"OTLP transport (default {_DEFAULT_OTLP_PROTOCOL})")
-    _add(run, "--otlp-interval", "SECONDS", f"OTLP push interval (default {_DEFAULT_OTLP_INTERVAL:g})")
-    _add(run, "--otlp-headers", "K=V,...", "OTLP request headers; write ',' in a value as %2C")
-    _add(run, "--otlp-timeout", "SECONDS", f"OTLP request timeout (default {_DEFAULT_OTLP_TIMEOUT:g})")
-    run.add_argument(
-        "--otlp-insecure",
-        action="store_true",
-        default=None,
-        help="gRPC without TLS [env PODNET_OTLP_INSECURE=true]",
-    )
-    _add(
-        run,
-        "--otlp-histogram",
-        "exponential|explicit",
-        f"OTLP histogram type (default {_DEFAULT_OTLP_HISTOGRAM})",
-    )
-    _add(
-        run,
-        "--otlp-temporality",
-        "cumulative|delta",
-        f"OTLP aggregation temporality (default {_DEFAULT_OTLP_TEMPORALITY})",
-    )
-
-    doctor = commands.add_parser(
-        "doctor",
-        help="check that this host can run the exporter",
-        description="Check kernel, BPF, cgroup and configuration prerequisites and explain any problem.",
-        allow_abbrev=False,
-    )
-    _add_shared(doctor)
-
-    bpf_source = commands.add_parser(
-        "bpf-source",
-        help="print the eBPF C source and resolved offsets",
-        description="Print the eBPF C program and the kernel struct offsets resolved for this host.",
-        allow_abbrev=False,
-    )
-    bpf_source.add_argument("--preprocessed", action="store_true", help="print it after the C preprocessor")
-    return parser
-
-
-def _add(parser: argparse.ArgumentParser, flag: str, metavar: str, help_text: str) -> None:
-    env = _env_name(flag[2:].replace("-", "_"))
-    # argparse %-formats help strings.
-    parser.add_argument(
-        flag, metavar=metavar, default=None, help=f"{help_text} [env {env}]".replace("%", "%%")
-    )
-
-
-def _add_shared(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--config", "FILE", "YAML config file")
-    _add(parser, "--cgroup-root", "PATH", "cgroup v2 mount point (default: auto-detect)")
-    _add(
-        parser,
-        "--kernel-headers",
-        "DIR",
-        "kernel headers tree for BCC (default: $BCC_KERNEL_SOURCE, podnet's own tree "
-        "/var/lib/podnet/kernel-headers, /lib/modules/$(uname -r)/build)",
-    )
-
-
-def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
-    """Parse ``argv`` (without the program name) into (command, namespace); raise ConfigError on bad
-    usage. ``--help`` and ``--version`` print and raise SystemExit(0) as usual."""
-    try:
-        namespace = build_parser().parse_args(list(argv))
-    except ConfigError:
-        # Forgetting the command ("podnet-exporter --listen X") would otherwise read as
-        # "invalid choice: 'X'", which points at the wrong word.
-        option = argv[0].partition("=")[0] if argv else ""
-        if option.startswith("-"):
-            raise ConfigError(
-                f"{option}: options go after the command, e.g. '{_PROG} run {option} ...'; see {_PROG} --help"
-            ) from None
-        raise
-    command: str | None = namespace.command
-    if command is None:
-        raise ConfigError(f"no command given; use '{_PROG} run' (or doctor, bpf-source)")
-    return command, namespace
-
-
 # --- where a value came from ----------------------------------------------------------------------------
 
 
@@ -339,10 +135,6 @@ def _show(value: object) -> str:
     return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
 
 
-def _env_name(key: str) -> str:
-    return "PODNET_" + key.upper()
-
-
 def _from_env(environ: Mapping[str, str], *names: str) -> _Given | None:
     for name in names:
         value = environ.get(name)
@@ -351,26 +143,11 @@ def _from_env(environ: Mapping[str, str], *names: str) -> _Given | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Sources:
-    namespace: argparse.Namespace
-    environ: Mapping[str, str]
-    file: Mapping[str, _Given]  # keyed like namespace attributes: "listen", "otlp_endpoint", ...
-
-    def get(self, key: str) -> _Given | None:
-        """The highest-precedence value of a podnet setting: flag, then PODNET_* variable, then file."""
-        flag_value: object = getattr(self.namespace, key, None)
-        if flag_value is not None:
-            flag = "--" + key.replace("_", "-")
-            return _Given(flag_value, flag, flag + " {value}")
-        return _from_env(self.environ, _env_name(key)) or self.file.get(key)
-
-
 def _parsed(given: _Given | None, parse: Callable[[_Given], _T], default: _T) -> _T:
     return default if given is None else parse(given)
 
 
-# --- value parsers --------------------------------------------------------------------------------------
+# --- value parsers: each turns a _Given into a value or raises given.error(...) --------------------------
 
 
 def _number(given: _Given, problem: str) -> float:
@@ -388,24 +165,40 @@ def _number(given: _Given, problem: str) -> float:
     return number
 
 
-def _integer(given: _Given, problem: str, low: int, high: int | None = None) -> int:
-    value = given.value
-    number: int
-    if isinstance(value, str):
-        text = value.strip()
-        if not _DIGITS.fullmatch(text):
+def _positive(unit: str, high: float | None = None, per_second: int = 1) -> Callable[[_Given], float]:
+    """Seconds > 0 (and <= high); OTEL_* durations are milliseconds (per_second=1000)."""
+    problem = f"must be a number of {unit} > 0" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(given: _Given) -> float:
+        number = _number(given, problem)
+        if number <= 0 or (high is not None and number > high):
             raise given.error(problem)
-        try:
-            number = int(text)
-        except ValueError:  # more digits than int() will convert
-            raise given.error(problem) from None
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    else:
-        raise given.error(problem)
-    if number < low or (high is not None and number > high):
-        raise given.error(problem)
-    return number
+        return number / per_second
+
+    return parse
+
+
+def _integer(problem: str, low: int, high: int | None = None) -> Callable[[_Given], int]:
+    def parse(given: _Given) -> int:
+        value = given.value
+        number: int
+        if isinstance(value, str):
+            text = value.strip()
+            if not _DIGITS.fullmatch(text):
+                raise given.error(problem)
+            try:
+                number = int(text)
+            except ValueError:  # more digits than int() will convert
+                raise given.error(problem) from None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise given.error(problem)
+        if number < low or (high is not None and number > high):
+            raise given.error(problem)
+        return number
+
+    return parse
 
 
 def _string(given: _Given, what: str) -> str:
@@ -415,14 +208,30 @@ def _string(given: _Given, what: str) -> str:
     return given.value
 
 
-def _choice(given: _Given, choices: Sequence[str]) -> str:
+def _clean(text: str) -> bool:
+    return not any(char.isspace() or not char.isprintable() for char in text)
+
+
+def _text(what: str, ok: Callable[[str], bool], problem: str) -> Callable[[_Given], str]:
+    def parse(given: _Given) -> str:
+        text = _string(given, what)
+        if not ok(text):
+            raise given.error(problem)
+        return text
+
+    return parse
+
+
+def _choice(choices: Sequence[str]) -> Callable[[_Given], str]:
     problem = "must be one of " + ", ".join(choices)
-    if not isinstance(given.value, str):
-        raise given.error(problem)
-    text = given.value.strip().lower()
-    if text not in choices:
-        raise given.error(problem)
-    return text
+
+    def parse(given: _Given) -> str:
+        text = given.value.strip().lower() if isinstance(given.value, str) else ""
+        if text not in choices:
+            raise given.error(problem)
+        return text
+
+    return parse
 
 
 def _request_mode(given: _Given) -> RequestMode:
@@ -441,14 +250,11 @@ def _request_mode(given: _Given) -> RequestMode:
 
 def _boolean(given: _Given) -> bool:
     value = given.value
-    if isinstance(value, bool):
-        return value
     if isinstance(value, str):
         text = value.strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
+        value = True if text in _TRUE else False if text in _FALSE else value
+    if isinstance(value, bool):
+        return value
     raise given.error("must be true or false")
 
 
@@ -468,12 +274,15 @@ def _file_problem(path: str) -> str | None:
     return None
 
 
-def _existing_file(given: _Given, fix: str) -> str:
-    path = _string(given, "a file path")
-    problem = _file_problem(path)
-    if problem is not None:
-        raise given.error(f"{problem}; {fix}")
-    return path
+def _file(fix: str) -> Callable[[_Given], str]:
+    def parse(given: _Given) -> str:
+        path = _string(given, "a file path")
+        problem = _file_problem(path)
+        if problem is not None:
+            raise given.error(f"{problem}; {fix}")
+        return path
+
+    return parse
 
 
 def _is_hostname(name: str) -> bool:
@@ -523,76 +332,21 @@ def _listen(given: _Given) -> tuple[str, int]:
     try:
         return _host_port(text, "[::]:9436")
     except ValueError as exc:
-        raise given.error(str(exc), _DEFAULT_LISTEN) from None
+        raise given.error(str(exc), "0.0.0.0:9436") from None
 
 
-def _poll_interval(given: _Given) -> float:
-    problem = f"must be a number of seconds > 0 and <= {_MAX_POLL_INTERVAL:g}"
-    seconds = _number(given, problem)
-    if not 0 < seconds <= _MAX_POLL_INTERVAL:
-        raise given.error(problem)
-    return seconds
-
-
-def _seconds(given: _Given) -> float:
-    seconds = _number(given, "must be a number of seconds > 0")
-    if seconds <= 0:
-        raise given.error("must be a number of seconds > 0")
-    return seconds
-
-
-def _milliseconds(given: _Given) -> float:
-    """OTEL_* durations are milliseconds; the result is seconds."""
-    millis = _number(given, "must be a number of milliseconds > 0")
-    if millis <= 0:
-        raise given.error("must be a number of milliseconds > 0")
-    return millis / 1000
-
-
-def _node_name(given: _Given) -> str:
-    text = _string(given, "a node name")
-    if not text or any(char.isspace() or not char.isprintable() for char in text):
-        raise given.error("must be a non-empty node name without spaces")
-    return text
-
-
-def _cluster_name(given: _Given) -> str:
-    text = _string(given, "a cluster name")
-    if not text.isprintable():
-        raise given.error("must not contain control characters or line breaks")
-    return text
-
-
-def _cgroup_root(given: _Given) -> str:
-    # Existence is left to the exporter and doctor, which can explain a missing cgroup2 mount better.
-    path = _string(given, "a directory path")
-    if not path:
-        raise given.error("must be a directory path, e.g. /sys/fs/cgroup")
-    return path
-
-
-def _kernel_headers(given: _Given) -> str:
-    # Whether the tree is usable is left to kernel_headers.find_tree, which doctor and run report
-    # with the missing files and the fix.
-    path = _string(given, "a directory path")
-    if not path.strip():
-        raise given.error("must be a directory path, e.g. /var/lib/podnet/kernel-headers")
-    return path
-
-
-def _endpoint(given: _Given, protocol: str) -> str:
-    grpc = protocol == "grpc"
-    example = "http://otel-collector:4317" if grpc else "http://otel-collector:4318/v1/metrics"
-    what = "a URL or HOST:PORT" if grpc else "a URL"
-    text = _string(given, what).strip()
-    if any(char.isspace() or not char.isprintable() for char in text):
+def _url(given: _Given, example: str, host_port: str | None = None, base: bool = False) -> str:
+    """An http(s) URL. With ``host_port`` (an IPv6 example) a bare HOST:PORT is accepted as http://;
+    ``base`` URLs (the Kubernetes API) may have no query or fragment and are normalised."""
+    text = _string(given, "a URL or HOST:PORT" if host_port else "a URL").strip()
+    if not _clean(text):
         # urlsplit() would silently drop some of these and hand back a different URL.
         raise given.error("must not contain spaces or control characters", example)
     if "://" not in text:
-        if not grpc:
+        if host_port is None:
             raise given.error("must be a URL with scheme http or https", example)
         try:
-            _host_port(text, "[::1]:4317")
+            _host_port(text, host_port)
         except ValueError as exc:
             raise given.error(f"not a URL, and as HOST:PORT: {exc}", example) from None
         return "http://" + text
@@ -602,18 +356,19 @@ def _endpoint(given: _Given, protocol: str) -> str:
     except ValueError as exc:
         raise given.error(f"not a valid URL ({exc})", example) from None
     if parts.scheme.lower() not in ("http", "https"):
-        raise given.error("URL scheme must be http or https", example)
+        scheme = "must be a URL with scheme" if base else "URL scheme must be"
+        raise given.error(f"{scheme} http or https", example)
     host = parts.hostname or ""
     if not (_is_ip(host, 4) or _is_ip(host, 6) or _is_hostname(host)):
         raise given.error("URL needs a valid host name or IP address", example)
     if port == 0:
         raise given.error("port must be a number 1-65535", example)
-    return text
-
-
-def _with_metrics_path(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/v1/metrics"))
+    if not base:
+        return text
+    if parts.query or parts.fragment:
+        raise given.error("must not have a query or fragment", example)
+    # A lowercase scheme, so that later checks for "https:" hold for "HTTPS://" too.
+    return parts.scheme.lower() + text[len(parts.scheme) :].rstrip("/")
 
 
 def _pairs(given: _Given, what: str) -> list[tuple[str, str]]:
@@ -654,8 +409,202 @@ def _headers(given: _Given) -> tuple[tuple[str, str], ...]:
     return tuple(headers.items())
 
 
-def _resource_attributes(given: _Given) -> tuple[tuple[str, str], ...]:
-    return tuple(dict(_pairs(given, "attributes")).items())
+def _directory(example: str) -> Callable[[_Given], str]:
+    # Existence and usability are left to the exporter, doctor and kernel_headers.find_tree, which can
+    # explain a missing cgroup2 mount or headers tree better.
+    problem = f"must be a directory path, e.g. {example}"
+    return _text("a directory path", lambda path: bool(path.strip()), problem)
+
+
+# --- the settings table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: flag ``--<key with ->``, variable ``PODNET_<KEY>``, config file key ``key`` (keys
+    ``otlp_X`` live under ``otlp:`` as ``X``). ``parse`` validates a given value; None means the value
+    is checked together with others (the config file itself, the OTLP endpoint, the Kubernetes API).
+    ``value`` is the Config value when nothing sets it; ``default`` and ``doc`` are the README's."""
+
+    key: str
+    metavar: str  # "" for an on/off switch
+    help: str
+    default: str
+    doc: str
+    parse: Callable[[_Given], object] | None
+    value: object = None
+    doctor: bool = False  # also a doctor option
+    in_file: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "PODNET_" + self.key.upper()
+
+
+_S = Setting
+# fmt: off
+_HEADERS_AUTO = ("$BCC_KERNEL_SOURCE, podnet's own tree /var/lib/podnet/kernel-headers, "
+                 "/lib/modules/$(uname -r)/build")
+SETTINGS: Final[tuple[Setting, ...]] = (
+    _S("listen", "HOST:PORT", "address for /metrics, [v6]:PORT for IPv6 (default 0.0.0.0:9436)",
+       "`0.0.0.0:9436`", "address of `/metrics`, `/healthz`, `/readyz` (`[::]:9436` for IPv6)", _listen,
+       ("0.0.0.0", 9436)),
+    _S("poll_interval", "SECONDS", "how often to read the BPF maps (default 5)", "`5`",
+       "seconds between reads of the kernel maps", _positive("seconds", _MAX_POLL_INTERVAL), 5.0),
+    _S("pods_file", "PATH", "read pods from this `kubectl get pods -o json` output, not the API", "none",
+       "pod metadata from `kubectl get pods -o json`; reloaded when it changes",
+       _file("pass an existing file, e.g. kubectl get pods -o json > pods.json")),
+    _S("node_name", "NAME", "this node's name (default: $NODE_NAME, else the hostname)",
+       "`$NODE_NAME` or hostname", "this node's name",
+       _text("a node name", lambda t: bool(t) and _clean(t), "must be a non-empty node name without spaces"),
+       None),
+    _S("config", "FILE", "YAML config file", "none",
+       "YAML file with the same settings in snake_case (`poll_interval: 5`)", None, doctor=True,
+       in_file=False),
+    _S("cgroup_root", "PATH", "cgroup v2 mount point (default: auto-detect)", "auto", "the cgroup v2 mount",
+       _directory("/sys/fs/cgroup"), doctor=True),
+    _S("kernel_headers", "DIR", f"kernel headers tree for BCC (default: {_HEADERS_AUTO})", "auto",
+       "kernel headers tree BCC compiles against (also a `doctor` flag); auto: `$BCC_KERNEL_SOURCE`, "
+       "`/var/lib/podnet/kernel-headers` (built by `make setup`), `/lib/modules/$(uname -r)/build`, the "
+       "first that is complete", _directory("/var/lib/podnet/kernel-headers"), doctor=True),
+    _S("log_level", "LEVEL", "one of debug, info, warning, error (default info)", "`info`",
+       "debug, info, warning, error", _choice(("debug", "info", "warning", "error")), "info"),
+    _S("max_series", "N", "cap on exported series (default 10000)", "`10000`",
+       "cap on series per metric family; beyond it new label sets are dropped and counted",
+       _integer("must be a whole number >= 1", 1), 10000),
+    _S("map_entries", "N", f"BPF map size, {_MIN_MAP_ENTRIES}-{_MAX_MAP_ENTRIES} (default 65536)", "`65536`",
+       "size of the per-owner kernel maps (sockets, flows, histograms scale from it)",
+       _integer(f"must be a whole number from {_MIN_MAP_ENTRIES} to {_MAX_MAP_ENTRIES}", _MIN_MAP_ENTRIES,
+                _MAX_MAP_ENTRIES), 65536),
+    _S("histogram_scale", "{0,1,2}", "latency histogram resolution (default 0)", "`0`",
+       "Prometheus bucket resolution: 0 = powers of 2, 1 = of sqrt 2, 2 = of 2^(1/4)",
+       _integer("must be 0, 1 or 2", 0, 2), 0),
+    _S("requests", "http|turns|off", "request tracking: http (counted, HTTP/1.x recognised), turns (counted, "
+       "payload never read), off (the cheapest data path) (default http)", "`http`",
+       "request tracking: `http` (counted, HTTP/1.x method and status recognised), `turns` (counted as "
+       '`protocol="other"`, payloads never read), `off` (no request metrics: the cheapest data path); see '
+       "Requests below", _request_mode, "http"),
+    _S("cluster_name", "NAME", "cluster name to attach to metrics (default: none)", "none",
+       "cluster name for OTLP resources",
+       _text("a cluster name", str.isprintable, "must not contain control characters or line breaks"), ""),
+    _S("kube_api", "URL", "Kubernetes API server to watch this node's pods from (default: in a pod, the "
+       "cluster's own)", "in a pod: the cluster's API",
+       "Kubernetes API to watch this node's pods from (alternative to `--pods-file`)", None),
+    _S("kube_token_file", "PATH", "bearer token for the API (default: the service-account token)",
+       "the service-account token", "bearer token, re-read for every request",
+       _file("pass the file holding the API bearer token")),
+    _S("kube_ca_file", "PATH", "CA certificate of the API (default: the service-account ca.crt)",
+       "the service-account `ca.crt`", "CA of the API server's certificate",
+       _file("pass the PEM file of the CA that signed the API server's certificate")),
+    _S("kube_insecure_skip_tls_verify", "", "do not verify the API server's certificate (tests, development)",
+       "false", "no certificate check (tests, development)", _boolean, False),
+    _S("otlp_endpoint", "URL", "push metrics over OTLP to this URL (default: OTLP off)", "none (OTLP off)",
+       "OTLP collector to push metrics to (gRPC also takes `HOST:PORT`); else "
+       "`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`", None),
+    _S("otlp_protocol", "grpc|http/protobuf", "OTLP transport (default grpc)", "`grpc`",
+       "OTLP transport, `grpc` or `http/protobuf`", _choice(_OTLP_PROTOCOLS)),
+    _S("otlp_interval", "SECONDS", "OTLP push interval (default 60)", "`60`", "seconds between OTLP pushes",
+       _positive("seconds")),
+    _S("otlp_headers", "K=V,...", "OTLP request headers; write ',' in a value as %2C", "none",
+       "OTLP request headers, `k=v,k=v` (`,` in a value as `%2C`) or a mapping in the file", _headers),
+    _S("otlp_timeout", "SECONDS", "OTLP request timeout (default 10)", "`10`", "seconds before a push fails",
+       _positive("seconds")),
+    _S("otlp_insecure", "", "gRPC without TLS", "false", "gRPC without TLS", _boolean, False),
+    _S("otlp_histogram", "exponential|explicit", "OTLP histogram type (default exponential)", "`exponential`",
+       "OTLP histogram type, `exponential` or `explicit`", _choice(("exponential", "explicit"))),
+    _S("otlp_temporality", "cumulative|delta", "OTLP aggregation temporality (default cumulative)",
+       "`cumulative`", "OTLP aggregation temporality, `cumulative` or `delta`",
+       _choice(("cumulative", "delta"))),
+)
+# fmt: on
+_SETTING: Final = {setting.key: setting for setting in SETTINGS}
+# Config file keys; those of otlp_* settings live under "otlp".
+_OTLP_KEYS: Final = tuple(s.key[5:] for s in SETTINGS if s.key.startswith("otlp_"))
+_TOP_KEYS: Final = (*(s.key for s in SETTINGS if s.in_file and not s.key.startswith("otlp_")), "otlp")
+
+
+def readme_rows() -> list[str]:
+    """The README's settings table rows, one per setting."""
+    return [f"| `{s.flag}` | `{s.env}` | {s.default} | {s.doc} |" for s in SETTINGS]
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises ConfigError instead of printing usage and exiting 2, so every bad input, wherever it came
+    from, is reported the same way by the caller."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}; see {_PROG} --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``podnet-exporter`` parser with subcommands run, doctor and bpf-source.
+
+    Options default to None so that :func:`resolve` can tell "not given" from "given", which the
+    flag > env > file > default precedence needs.
+    """
+    parser = _Parser(
+        prog=_PROG, description="eBPF network metrics exporter for Kubernetes pods.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    run = commands.add_parser(
+        "run",
+        help="export metrics (the normal mode)",
+        description="Export per-pod network metrics. Every option can also be set with the environment "
+        "variable shown, or in the --config file under the option's name in snake_case; "
+        "precedence is option > environment > config file > default.",
+        allow_abbrev=False,
+    )
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that this host can run the exporter",
+        description="Check kernel, BPF, cgroup and configuration prerequisites and explain any problem.",
+        allow_abbrev=False,
+    )
+    for setting in SETTINGS:
+        for command in (run, doctor) if setting.doctor else (run,):
+            # argparse %-formats help strings.
+            if setting.metavar:
+                help_text = f"{setting.help} [env {setting.env}]".replace("%", "%%")
+                command.add_argument(setting.flag, metavar=setting.metavar, default=None, help=help_text)
+            else:
+                help_text = f"{setting.help} [env {setting.env}=true]"
+                command.add_argument(setting.flag, action="store_true", default=None, help=help_text)
+    bpf_source = commands.add_parser(
+        "bpf-source",
+        help="print the eBPF C source and resolved offsets",
+        description="Print the eBPF C program and the kernel struct offsets resolved for this host.",
+        allow_abbrev=False,
+    )
+    bpf_source.add_argument("--preprocessed", action="store_true", help="print it after the C preprocessor")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
+    """Parse ``argv`` (without the program name) into (command, namespace); raise ConfigError on bad
+    usage. ``--help`` and ``--version`` print and raise SystemExit(0) as usual."""
+    try:
+        namespace = build_parser().parse_args(list(argv))
+    except ConfigError:
+        # Forgetting the command ("podnet-exporter --listen X") would otherwise read as
+        # "invalid choice: 'X'", which points at the wrong word.
+        option = argv[0].partition("=")[0] if argv else ""
+        if option.startswith("-"):
+            raise ConfigError(
+                f"{option}: options go after the command, e.g. '{_PROG} run {option} ...'; see {_PROG} --help"
+            ) from None
+        raise
+    command: str | None = namespace.command
+    if command is None:
+        raise ConfigError(f"no command given; use '{_PROG} run' (or doctor, bpf-source)")
+    return command, namespace
 
 
 # --- config file ----------------------------------------------------------------------------------------
@@ -663,7 +612,7 @@ def _resource_attributes(given: _Given) -> tuple[tuple[str, str], ...]:
 
 def _load_file(given: _Given) -> tuple[str, dict[str, _Given]]:
     """Read the YAML config file; returns its path and its settings keyed like namespace attributes."""
-    path = _existing_file(given, "pass an existing YAML file, or leave it unset")
+    path = _file("pass an existing YAML file, or leave it unset")(given)
     where = f"config file {path}"
     try:
         with open(path, encoding="utf-8") as stream:
@@ -722,6 +671,21 @@ def _check_keys(data: Mapping[object, object], where: str, valid: Sequence[str],
 # --- resolution -----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Sources:
+    namespace: argparse.Namespace
+    environ: Mapping[str, str]
+    file: Mapping[str, _Given]  # keyed like namespace attributes: "listen", "otlp_endpoint", ...
+
+    def get(self, key: str) -> _Given | None:
+        """The highest-precedence value of a podnet setting: flag, then PODNET_* variable, then file."""
+        flag_value: object = getattr(self.namespace, key, None)
+        setting = _SETTING[key]
+        if flag_value is not None:
+            return _Given(flag_value, setting.flag, setting.flag + " {value}")
+        return _from_env(self.environ, setting.env) or self.file.get(key)
+
+
 def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Merge flags (``ns`` from :func:`parse_args`), ``environ`` and the config file into a validated
     Config; raise ConfigError on the first bad value. Works for any subcommand's namespace: settings
@@ -729,73 +693,41 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     config_given = _Sources(ns, environ, {}).get("config")
     config_file, file_settings = _load_file(config_given) if config_given else (None, {})
     sources = _Sources(ns, environ, file_settings)
-
-    listen_host, listen_port = _parsed(
-        sources.get("listen"), _listen, (_DEFAULT_LISTEN_HOST, _DEFAULT_LISTEN_PORT)
-    )
-    node_name_given = sources.get("node_name") or _from_env(environ, "NODE_NAME")
+    if (api := sources.get("kube_api")) is not None and (pods_file := sources.get("pods_file")) is not None:
+        raise ConfigError(
+            f"{pods_file.source} and {api.source} are alternative pod metadata sources; set only one"
+        )
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        given = sources.get(setting.key)
+        if setting.key == "node_name":
+            given = given or _from_env(environ, "NODE_NAME")
+        if setting.parse is not None:
+            values[setting.key] = _parsed(given, setting.parse, setting.value)
+    otlp, kube = _otlp(values, sources, environ), _kube(values, sources, environ)
+    listen_host, listen_port = values.pop("listen")
+    values["node_name"] = values["node_name"] or socket.gethostname()
+    fields = {name: values[name] for name in Config.__dataclass_fields__ if name in values}
     return Config(
         listen_host=listen_host,
         listen_port=listen_port,
-        poll_interval=_parsed(sources.get("poll_interval"), _poll_interval, _DEFAULT_POLL_INTERVAL),
-        pods_file=_parsed(sources.get("pods_file"), lambda g: _existing_file(g, _PODS_FILE_FIX), None),
-        node_name=_parsed(node_name_given, _node_name, None) or socket.gethostname(),
-        cgroup_root=_parsed(sources.get("cgroup_root"), _cgroup_root, None),
-        log_level=_parsed(sources.get("log_level"), lambda g: _choice(g, _LOG_LEVELS), _DEFAULT_LOG_LEVEL),
-        max_series=_parsed(
-            sources.get("max_series"),
-            lambda g: _integer(g, "must be a whole number >= 1", 1),
-            _DEFAULT_MAX_SERIES,
-        ),
-        map_entries=_parsed(
-            sources.get("map_entries"),
-            lambda g: _integer(
-                g,
-                f"must be a whole number from {_MIN_MAP_ENTRIES} to {_MAX_MAP_ENTRIES}",
-                _MIN_MAP_ENTRIES,
-                _MAX_MAP_ENTRIES,
-            ),
-            _DEFAULT_MAP_ENTRIES,
-        ),
-        histogram_scale=_parsed(
-            sources.get("histogram_scale"),
-            lambda g: _integer(g, "must be 0, 1 or 2", 0, _MAX_HISTOGRAM_SCALE),
-            _DEFAULT_HISTOGRAM_SCALE,
-        ),
-        cluster_name=_parsed(sources.get("cluster_name"), _cluster_name, ""),
-        otlp=_otlp(sources, environ),
+        otlp=otlp,
         config_file=config_file,
-        kube=_kube(sources, environ),
-        requests=_parsed(sources.get("requests"), _request_mode, "http"),
-        kernel_headers=_parsed(sources.get("kernel_headers"), _kernel_headers, None),
+        kube=kube,
+        **fields,
     )
 
 
-def _kube(sources: _Sources, environ: Mapping[str, str]) -> KubeConfig | None:
+def _kube(values: Mapping[str, Any], sources: _Sources, environ: Mapping[str, str]) -> KubeConfig | None:
     """The API source: --kube-api, else in a pod (service-account token and KUBERNETES_SERVICE_HOST/PORT)
     the cluster's own API unless --pods-file is given. The pods file and --kube-api exclude each other."""
     api = sources.get("kube_api")
     pods_file = sources.get("pods_file")
-    if api is not None and pods_file is not None:
-        raise ConfigError(
-            f"{pods_file.source} and {api.source} are alternative pod metadata sources; set only one"
-        )
-    token_file = _parsed(
-        sources.get("kube_token_file"),
-        lambda g: _existing_file(g, "pass the file holding the API bearer token"),
-        None,
-    )
-    ca_file = _parsed(
-        sources.get("kube_ca_file"),
-        lambda g: _existing_file(g, "pass the PEM file of the CA that signed the API server's certificate"),
-        None,
-    )
-    insecure = _parsed(sources.get("kube_insecure_skip_tls_verify"), _boolean, False)
     sa_token = os.path.join(SERVICE_ACCOUNT_DIR, "token")
     sa_ca = os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt")
     in_cluster = False
     if api is not None:
-        url = _kube_url(api)
+        url = _url(api, "https://kubernetes.default.svc:443", base=True)
     else:
         host = environ.get("KUBERNETES_SERVICE_HOST", "").strip()
         port = environ.get("KUBERNETES_SERVICE_PORT", "").strip()
@@ -806,59 +738,36 @@ def _kube(sources: _Sources, environ: Mapping[str, str]) -> KubeConfig | None:
                 if (given := sources.get(key)) is not None
             ]
             if unused:
-                why = "no --kube-api and not in a pod"
-                if pods_file is not None:
-                    why = f"{pods_file.source} is set"
+                why = "no --kube-api and not in a pod" if pods_file is None else f"{pods_file.source} is set"
                 raise ConfigError(f"{unused[0]} is set but the Kubernetes API is not used ({why})")
             return None
         url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
         in_cluster = True
     return KubeConfig(
         url=url,
-        token_file=token_file or (sa_token if os.path.isfile(sa_token) else None),
-        ca_file=ca_file or (sa_ca if os.path.isfile(sa_ca) and url.startswith("https:") else None),
-        insecure_skip_tls_verify=insecure,
+        token_file=values["kube_token_file"] or (sa_token if os.path.isfile(sa_token) else None),
+        ca_file=values["kube_ca_file"]
+        or (sa_ca if os.path.isfile(sa_ca) and url.startswith("https:") else None),
+        insecure_skip_tls_verify=values["kube_insecure_skip_tls_verify"],
         in_cluster=in_cluster,
     )
 
 
-def _kube_url(given: _Given) -> str:
-    example = "https://kubernetes.default.svc:443"
-    text = _string(given, "a URL").strip()
-    if any(char.isspace() or not char.isprintable() for char in text):
-        raise given.error("must not contain spaces or control characters", example)
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise given.error(f"not a valid URL ({exc})", example) from None
-    if parts.scheme.lower() not in ("http", "https") or "://" not in text:
-        raise given.error("must be a URL with scheme http or https", example)
-    host = parts.hostname or ""
-    if not (_is_ip(host, 4) or _is_ip(host, 6) or _is_hostname(host)):
-        raise given.error("URL needs a valid host name or IP address", example)
-    if port == 0:
-        raise given.error("port must be a number 1-65535", example)
-    if parts.query or parts.fragment:
-        raise given.error("must not have a query or fragment", example)
-    # A lowercase scheme, so that later checks for "https:" hold for "HTTPS://" too.
-    return parts.scheme.lower() + text[len(parts.scheme) :].rstrip("/")
-
-
-def _otlp(sources: _Sources, environ: Mapping[str, str]) -> OtlpConfig | None:
+def _otlp(values: Mapping[str, Any], sources: _Sources, environ: Mapping[str, str]) -> OtlpConfig | None:
     """OTLP settings, or None when no source names an endpoint.
 
     podnet's own OTLP settings are validated even while OTLP is off, so a typo does not go unnoticed;
     OTEL_* variables are only read once OTLP is on, because in a shared pod environment they may be
-    meant for another process.
+    meant for another process. Each OTEL_EXPORTER_OTLP_METRICS_* variable is listed before its generic
+    twin because the OpenTelemetry spec gives the signal-specific one precedence.
     """
-    protocol = _parsed(sources.get("otlp_protocol"), lambda g: _choice(g, _OTLP_PROTOCOLS), None)
-    interval = _parsed(sources.get("otlp_interval"), _seconds, None)
-    timeout = _parsed(sources.get("otlp_timeout"), _seconds, None)
-    headers = _parsed(sources.get("otlp_headers"), _headers, None)
-    insecure = _parsed(sources.get("otlp_insecure"), _boolean, False)
-    histogram = _parsed(sources.get("otlp_histogram"), lambda g: _choice(g, _OTLP_HISTOGRAMS), None)
-    temporality = _parsed(sources.get("otlp_temporality"), lambda g: _choice(g, _OTLP_TEMPORALITIES), None)
+
+    def otel(key: str, names: Sequence[str], parse: Callable[[_Given], _T], default: _T) -> _T:
+        value = values[key]
+        return value if value is not None else _parsed(_from_env(environ, *names), parse, default)
+
+    def metrics_env(suffix: str) -> tuple[str, str]:
+        return f"OTEL_EXPORTER_OTLP_METRICS_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}"
 
     # Only the generic variable is a base URL that needs the signal's path; the others are used as-is.
     endpoint_given = sources.get("otlp_endpoint") or _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
@@ -868,65 +777,39 @@ def _otlp(sources: _Sources, environ: Mapping[str, str]) -> OtlpConfig | None:
         if endpoint_given is None:
             return None
         is_base_url = True
-
-    # Below, each OTEL_EXPORTER_OTLP_METRICS_* variable is listed before its generic twin because the
-    # OpenTelemetry spec gives the signal-specific one precedence.
-    if protocol is None:
-        protocol = _parsed(
-            _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
-            lambda g: _choice(g, _OTLP_PROTOCOLS),
-            _DEFAULT_OTLP_PROTOCOL,
-        )
-    endpoint = _endpoint(endpoint_given, protocol)
-    if is_base_url and protocol == "http/protobuf":
-        endpoint = _with_metrics_path(endpoint)
-
-    compression = _parsed(
-        _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"),
-        lambda g: _choice(g, _OTEL_COMPRESSIONS),
-        None,
-    )
+    protocol = otel("otlp_protocol", metrics_env("PROTOCOL"), _choice(_OTLP_PROTOCOLS), "grpc")
+    if protocol == "grpc":
+        endpoint = _url(endpoint_given, "http://otel-collector:4317", host_port="[::1]:4317")
+    else:
+        endpoint = _url(endpoint_given, "http://otel-collector:4318/v1/metrics")
+        if is_base_url:
+            parts = urlsplit(endpoint)
+            endpoint = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/v1/metrics"))
+    compression = _parsed(_from_env(environ, *metrics_env("COMPRESSION")), _choice(("gzip", "none")), None)
+    milliseconds = _positive("milliseconds", per_second=1000)
     return OtlpConfig(
         endpoint=endpoint,
         protocol=protocol,
-        interval=(
-            interval
-            if interval is not None
-            else _parsed(
-                _from_env(environ, "OTEL_METRIC_EXPORT_INTERVAL"), _milliseconds, _DEFAULT_OTLP_INTERVAL
-            )
-        ),
-        timeout=(
-            timeout
-            if timeout is not None
-            else _parsed(
-                _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"),
-                _milliseconds,
-                _DEFAULT_OTLP_TIMEOUT,
-            )
-        ),
-        headers=(
-            headers
-            if headers is not None
-            else _parsed(
-                _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
-                _headers,
-                (),
-            )
-        ),
-        insecure=insecure,
+        interval=otel("otlp_interval", ("OTEL_METRIC_EXPORT_INTERVAL",), milliseconds, 60.0),
+        timeout=otel("otlp_timeout", metrics_env("TIMEOUT"), milliseconds, 10.0),
+        headers=otel("otlp_headers", metrics_env("HEADERS"), _headers, ()),
+        insecure=values["otlp_insecure"],
         compression=None if compression == "none" else compression,
         certificate=_parsed(
-            _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"),
-            lambda g: _existing_file(g, "pass the path of a PEM CA certificate file"),
+            _from_env(environ, *metrics_env("CERTIFICATE")),
+            _file("pass the path of a PEM CA certificate file"),
             None,
         ),
-        histogram=histogram or _DEFAULT_OTLP_HISTOGRAM,
-        temporality=temporality
-        or _parsed(
-            _from_env(environ, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"),
-            lambda g: _choice(g, _OTEL_TEMPORALITIES),
-            _DEFAULT_OTLP_TEMPORALITY,
+        histogram=values["otlp_histogram"] or "exponential",
+        temporality=otel(
+            "otlp_temporality",
+            ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",),
+            _choice(_OTEL_TEMPORALITIES),
+            "cumulative",
         ),
-        resource_attributes=_parsed(_from_env(environ, "OTEL_RESOURCE_ATTRIBUTES"), _resource_attributes, ()),
+        resource_attributes=_parsed(
+            _from_env(environ, "OTEL_RESOURCE_ATTRIBUTES"),
+            lambda g: tuple(dict(_pairs(g, "attributes")).items()),
+            (),
+        ),
     )

@@ -19,7 +19,8 @@ Naming and attributes
 ---------------------
 Each family is sent under its OpenTelemetry name and unit (``MetricSpec.otel_name``/``otel_unit``; for
 self-metrics, derived from the Prometheus name by :func:`otel_identity`), chosen so that a backend applying
-the OpenTelemetry-to-Prometheus rules (:func:`prometheus_name`) lands on the names /metrics exposes.
+the OpenTelemetry-to-Prometheus rules lands on the names /metrics exposes (tests/otel_names.py implements
+those rules; the unit tests check every family against them).
 Pod labels become semantic-convention attributes: ``k8s.namespace.name``, ``k8s.pod.name``, ``k8s.pod.uid``,
 ``k8s.container.name`` and, by workload kind, ``k8s.deployment.name`` / ``k8s.statefulset.name`` /
 ``k8s.daemonset.name`` / ``k8s.job.name`` / ``k8s.cronjob.name`` / ``k8s.replicaset.name`` (a bare Pod
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -95,7 +95,6 @@ __all__ = [
     "build_resource",
     "otel_identity",
     "point_attributes",
-    "prometheus_name",
     "snapshot_metrics",
 ]
 
@@ -129,77 +128,10 @@ _UNSET: Final = cast(float, None)
 
 # ---- names ------------------------------------------------------------------------------------------
 
-# OpenTelemetry unit -> Prometheus unit word, after the OpenTelemetry-to-Prometheus compatibility spec.
-_UNIT_WORDS: Final[Mapping[str, str]] = {
-    "d": "days",
-    "h": "hours",
-    "min": "minutes",
-    "s": "seconds",
-    "ms": "milliseconds",
-    "us": "microseconds",
-    "ns": "nanoseconds",
-    "By": "bytes",
-    "KiBy": "kibibytes",
-    "MiBy": "mebibytes",
-    "GiBy": "gibibytes",
-    "TiBy": "tebibytes",
-    "KBy": "kilobytes",
-    "MBy": "megabytes",
-    "GBy": "gigabytes",
-    "TBy": "terabytes",
-    "m": "meters",
-    "V": "volts",
-    "A": "amperes",
-    "J": "joules",
-    "W": "watts",
-    "g": "grams",
-    "Cel": "celsius",
-    "Hz": "hertz",
-    "%": "percent",
-    "1": "",
-}
-# The "per" part of a rate unit (By/s -> bytes_per_second) is singular.
-_PER_UNIT_WORDS: Final[Mapping[str, str]] = {
-    "s": "second",
-    "m": "minute",
-    "h": "hour",
-    "d": "day",
-    "w": "week",
-    "mo": "month",
-    "y": "year",
-}
-_ANNOTATION: Final = re.compile(r"\{[^}]*\}")
-_NOT_WORD: Final = re.compile(r"[^A-Za-z0-9]+")
 # Prometheus base unit of a self-metric (MetricSpec.unit) -> OpenTelemetry unit.
 _PROMETHEUS_UNITS: Final[Mapping[str, str]] = {"seconds": "s", "bytes": "By"}
 # Prometheus prefix -> OpenTelemetry namespace; longest first.
 _NAMESPACES: Final = (("podnet_exporter_", "podnet.exporter."), ("podnet_", "podnet."))
-
-
-def _words(text: str) -> list[str]:
-    return [w for w in _NOT_WORD.split(text) if w]
-
-
-def prometheus_name(otel_name: str, otel_unit: str, kind: m.Kind) -> str:
-    """The Prometheus name a backend derives from an OpenTelemetry metric (compatibility spec): words
-    joined by "_", the unit appended as a word unless already there (annotations like {connection}
-    dropped, By -> bytes, s -> seconds, By/s -> bytes_per_second, 1 -> ratio for gauges), and
-    "_total" for monotonic sums."""
-    words = _words(otel_name)
-    if kind is m.Kind.COUNTER and words and words[-1] == "total":
-        words.pop()  # re-added last, after the unit
-    main, _, per = _ANNOTATION.sub("", otel_unit).strip().partition("/")
-    unit_words = _words(_UNIT_WORDS.get(main, main))
-    if per:
-        unit_words += ["per", *_words(_PER_UNIT_WORDS.get(per, per))]
-    if main == "1" and not per and kind is m.Kind.GAUGE:
-        unit_words = ["ratio"]
-    if unit_words and words[-len(unit_words) :] != unit_words:
-        words += unit_words
-    if kind is m.Kind.COUNTER:
-        words.append("total")
-    name = "_".join(words)
-    return "_" + name if name[:1].isdigit() else name
 
 
 def otel_identity(spec: m.MetricSpec) -> tuple[str, str]:
@@ -664,11 +596,6 @@ class OtlpPusher:
             # Ticks missed while an export overran are skipped, never caught up: the next export sends
             # the latest snapshot, which covers them.
             next_at = max(next_at + interval, time.monotonic())
-
-    def _retained_series(self) -> int:
-        """Series of state kept between exports (the delta baseline), for tests of bounded memory."""
-        with self._export_lock:
-            return len(self._baseline)
 
     def _export_locked(self) -> bool:
         try:

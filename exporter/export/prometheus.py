@@ -4,20 +4,12 @@ snapshot so a scrape only copies bytes."""
 from __future__ import annotations
 
 import math
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.metrics import model as m
@@ -26,40 +18,10 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
-def metric_families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[Metric]:
-    for spec in m.ALL_FAMILIES:
-        if spec.kind is m.Kind.HISTOGRAM:
-            h = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels, unit=spec.unit)
-            for hs in snap.histograms.get(spec.name, ()):
-                buckets = [(_le(b), float(c)) for b, c in layout.cumulative(hs.slots)]
-                h.add_metric(list(hs.labels), buckets, hs.sum)
-            yield h
-            continue
-        samples = snap.samples.get(spec.name, ())
-        fam: CounterMetricFamily | GaugeMetricFamily
-        if spec.kind is m.Kind.COUNTER:
-            fam = CounterMetricFamily(spec.name, spec.help, labels=spec.labels, unit=spec.unit)
-        else:
-            fam = GaugeMetricFamily(spec.name, spec.help, labels=spec.labels, unit=spec.unit)
-        for s in samples:
-            fam.add_metric(list(s.labels), s.value)
-        yield fam
-
-
 def _le(bound: float) -> str:
     if bound == float("inf"):
         return "+Inf"
     return repr(bound)
-
-
-class _SnapshotCollector(Collector):
-    def __init__(self, layout: m.BucketLayout) -> None:
-        self.layout = layout
-        self.snapshot = m.EMPTY_SNAPSHOT
-
-    def collect(self) -> Iterator[Metric]:
-        # Reads only the pinned snapshot: never a map, never the API.
-        return metric_families(self.snapshot, self.layout)
 
 
 class Rendered:
@@ -93,15 +55,21 @@ class Rendered:
 _GZIP = 31
 """zlib wbits for a gzip wrapper."""
 
+_EOF = b"# EOF\n"
+"""The end of an OpenMetrics exposition."""
+
 
 class Exposition:
-    """Owns the registry (ours, never the process-global one) and renders snapshots."""
+    """Renders snapshots, and owns the registry (ours, never the process-global one) of the
+    process self-metrics (process_cpu_seconds_total, process_resident_memory_bytes, ...):
+    prometheus_client's ProcessCollector, which reads /proc/self. They are collected in
+    render(), which the poller runs in its worker thread, and appended to each snapshot's
+    exposition, so a scrape still only copies bytes."""
 
     def __init__(self, layout: m.BucketLayout) -> None:
+        self.layout = layout
         self.registry = CollectorRegistry(auto_describe=False)
-        self._collector = _SnapshotCollector(layout)
-        self.registry.register(self._collector)
-        self._lock = threading.Lock()
+        ProcessCollector(registry=self.registry)
 
     def render(self, snap: m.Snapshot) -> Rendered:
         # Compressed family by family: the plain exposition never exists whole. Level 1: a
@@ -111,21 +79,20 @@ class Exposition:
         om = zlib.compressobj(1, zlib.DEFLATED, _GZIP)
         text_out: list[bytes] = []
         om_out: list[bytes] = []
-        for text_head, om_head, body in _families(snap, self._collector.layout):
+        for text_head, om_head, body in _families(snap, self.layout):
             text_out += (text.compress(text_head), text.compress(body))
             om_out += (om.compress(om_head), om.compress(body))
-        om_out += (om.compress(_EOF), om.flush())
-        text_out.append(text.flush())
+        process_text, process_om = self.render_process()
+        text_out += (text.compress(process_text), text.flush())
+        om_out += (om.compress(process_om), om.compress(_EOF), om.flush())
         return Rendered(snap, b"".join(text_out), b"".join(om_out))
 
-    def render_with_client(self, snap: m.Snapshot) -> tuple[bytes, bytes]:
-        """(text, OpenMetrics) by prometheus_client's generic writers: the reference that
-        render_fast must match byte for byte (tests), 20-30 times slower."""
-        with self._lock:
-            self._collector.snapshot = snap
-            text = generate_latest(self.registry)
-            om = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
-        return text, om
+    def render_process(self) -> tuple[bytes, bytes]:
+        """(text, OpenMetrics without "# EOF") of the process self-metrics, read now from
+        /proc/self (blocking: call it off the event loop). Empty where there is no /proc."""
+        text = generate_latest(self.registry)
+        om = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
+        return text, om.removesuffix(_EOF)
 
 
 # ---- fast writer -------------------------------------------------------------------------------
@@ -220,9 +187,6 @@ def _histogram_body(
     return "".join(lines).encode()
 
 
-_EOF = b"# EOF\n"
-
-
 def _families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[tuple[bytes, bytes, bytes]]:
     """(text format header, OpenMetrics header, sample lines) of every family, in order."""
     for spec in m.ALL_FAMILIES:
@@ -246,7 +210,8 @@ def _families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[tuple[bytes,
 
 def render_fast(snap: m.Snapshot, layout: m.BucketLayout) -> tuple[bytes, bytes]:
     """(Prometheus text 0.0.4, OpenMetrics 1.0) of a snapshot, byte for byte what
-    prometheus_client writes for metric_families(snap, layout)."""
+    prometheus_client writes for the same families (tests/reference_render.py is that
+    reference; tests/unit/test_render_fast.py compares the two)."""
     text: list[bytes] = []
     om: list[bytes] = []
     for text_head, om_head, body in _families(snap, layout):

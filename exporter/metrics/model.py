@@ -369,11 +369,6 @@ EMPTY_SNAPSHOT = Snapshot.build(0.0, {}, {})
 # ---- histogram conversion (pure) ------------------------------------------------------
 
 
-def slot_upper_bound(slot: int) -> float:
-    """Upper bound in seconds of a kernel histogram slot."""
-    return float(2.0 ** ((slot - HIST_INDEX_OFFSET + 1) / 2**HIST_SCALE))
-
-
 def downscale_index(slot: int, scale: int) -> int:
     """OpenTelemetry exponential bucket index at `scale` (0..2) holding kernel `slot`:
     merging 2^(2-scale) neighbours is exact, no re-bucketing estimate."""

@@ -3,6 +3,7 @@ through BPF_PROG_TEST_RUN, against the exact bucket definition the exporter publ
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from exporter.kernel.headers import find_tree
 from exporter.kernel.offsets import CORE_FIELDS
 from exporter.kernel.programs import BPF_DIR
 from exporter.metrics.histogram import HIST_INDEX_OFFSET, HIST_SLOTS
-from exporter.metrics.model import BucketLayout, slot_upper_bound
+from exporter.metrics.model import BucketLayout
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hist_bounds import slot_upper_bound  # lives in tests/, shared with the unit tests
 
 HERE = Path(__file__).resolve().parent
 MAX_OCTAVE = 40

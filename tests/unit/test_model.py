@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +15,9 @@ from hypothesis import strategies as st
 
 from exporter.metrics import model as m
 from exporter.metrics.histogram import HIST_INDEX_OFFSET, HIST_SCALE, HIST_SLOTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hist_bounds import slot_upper_bound  # lives in tests/, shared with the kernel tests
 
 SCALES = (0, 1, 2)
 ALL_SLOTS = range(HIST_SLOTS)
@@ -46,29 +51,29 @@ def bucket_bounds_exp(index: int, scale: int) -> tuple[Fraction, Fraction]:
     ],
 )
 def test_slot_upper_bound_table(slot: int, upper: float) -> None:
-    assert m.slot_upper_bound(slot) == pytest.approx(upper, rel=1e-12)
+    assert slot_upper_bound(slot) == pytest.approx(upper, rel=1e-12)
 
 
 def test_slot_upper_bound_powers_of_two_are_exact() -> None:
     for k in range(-30, 12):
-        assert m.slot_upper_bound(HIST_INDEX_OFFSET - 1 + 4 * k) == 2.0**k
+        assert slot_upper_bound(HIST_INDEX_OFFSET - 1 + 4 * k) == 2.0**k
 
 
 def test_kernel_slots_cover_one_ns_to_about_17_minutes() -> None:
     # README: bounds are powers of 2^(1/4) seconds, from 1 ns to ~17 min (2^-30 s to 2^10 s;
     # the kernel puts everything longer into the last slot, bpf/podnet.h).
-    first_lower = m.slot_upper_bound(0) / 2.0**0.25
+    first_lower = slot_upper_bound(0) / 2.0**0.25
     assert first_lower == 2.0**-30
     assert first_lower == pytest.approx(1e-9, rel=0.1)
     last_regular = 4 * 40 - 1  # PODNET_HIST_MAX_OCTAVE * 4 - 1
-    assert m.slot_upper_bound(last_regular) == 2.0**10
-    assert 16 * 60 <= m.slot_upper_bound(last_regular) <= 18 * 60
+    assert slot_upper_bound(last_regular) == 2.0**10
+    assert 16 * 60 <= slot_upper_bound(last_regular) <= 18 * 60
 
 
 @settings(deadline=None)
 @given(st.integers(min_value=-2000, max_value=2000))
 def test_slot_upper_bound_is_strictly_increasing_by_a_quarter_octave(slot: int) -> None:
-    lo, hi = m.slot_upper_bound(slot), m.slot_upper_bound(slot + 1)
+    lo, hi = slot_upper_bound(slot), slot_upper_bound(slot + 1)
     assert hi > lo or lo == hi == 0.0 or math.isinf(lo)
     if 1e-300 < lo < 1e300 and hi < 1e300:
         assert hi / lo == pytest.approx(2.0**0.25, rel=1e-12)
@@ -114,7 +119,7 @@ def _assert_slot_within_bucket(slot: int, scale: int) -> None:
         return  # beyond float range; the exact comparison above holds regardless
     # The same in seconds, as floats (every exponent here is a dyadic rational: exact).
     assert 2.0 ** float(b_lo) <= 2.0 ** float(s_lo) < 2.0 ** float(s_hi) <= 2.0 ** float(b_hi)
-    assert m.slot_upper_bound(slot) <= 2.0 ** float(b_hi)
+    assert slot_upper_bound(slot) <= 2.0 ** float(b_hi)
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -183,7 +188,7 @@ def test_cumulative_of_nothing_is_all_zero() -> None:
 def _expected_position(layout: m.BucketLayout, slot: int) -> int | None:
     """Index of the first bound >= the slot's upper bound (the lowest bound for anything
     below it); None when above the highest bound (only +Inf)."""
-    upper = m.slot_upper_bound(slot)
+    upper = slot_upper_bound(slot)
     for i, b in enumerate(layout.bounds):
         if b >= upper:
             return i
@@ -250,11 +255,11 @@ def test_slot_lands_in_first_bound_at_or_above_its_upper_bound(scale: int, slot:
     pos = _expected_position(layout, slot)
     finite = [c for _, c in out[:-1]]
     if pos is None:
-        assert m.slot_upper_bound(slot) > layout.bounds[-1]
+        assert slot_upper_bound(slot) > layout.bounds[-1]
         assert finite == [0] * len(finite)
     else:
         assert finite == [0] * pos + [1] * (len(finite) - pos)
-        if m.slot_upper_bound(slot) > layout.bounds[0]:
+        if slot_upper_bound(slot) > layout.bounds[0]:
             # Exact: the bound is the slot's merged bucket's upper bound, not estimated.
             k = m.downscale_index(slot, scale)
             assert layout.bounds[pos] == 2.0 ** ((k + 1) / 2**scale)

@@ -30,7 +30,6 @@ from exporter.export.otlp import (
     OtlpPusher,
     otel_identity,
     point_attributes,
-    prometheus_name,
     snapshot_metrics,
 )
 from exporter.export.otlp_config import OtlpConfig
@@ -39,6 +38,7 @@ from exporter.metrics.histogram import HIST_INDEX_OFFSET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import otlp_receivers as rx  # lives in tests/, shared with the kernel tests
+from otel_names import prometheus_name  # lives in tests/: the exporter never needs it
 
 PROTOCOLS = ("grpc", "http/protobuf")
 CUMULATIVE, DELTA = 2, 1  # AggregationTemporality in the protobuf
@@ -56,6 +56,12 @@ WEB_ATTRS = {
     "k8s.deployment.name": "web",
 }
 RTT_SLOTS = ((97, 3), (100, 5), (104, 1))  # 19 ms .. 74 ms
+
+
+def retained_series(pusher: OtlpPusher) -> int:
+    """Series of state the pusher keeps between exports (its delta baseline)."""
+    with pusher._export_lock:
+        return len(pusher._baseline)
 
 
 def cfg(endpoint: str, protocol: str, **changes: Any) -> OtlpConfig:
@@ -642,7 +648,7 @@ def test_memory_does_not_grow_with_failed_intervals(
         holder.set(snapshot(start + i, sent=1000.0 + i))
         assert not pusher.export_now()
         if i in (2, 12):
-            sizes.append((pusher._retained_series(), live(m.Snapshot), live(MetricsData)))
+            sizes.append((retained_series(pusher), live(m.Snapshot), live(MetricsData)))
     assert pusher.stats[1] == 12
     assert sizes[0] == sizes[1], "state grew with failed intervals"
     assert sizes[1][0] <= series
@@ -652,7 +658,7 @@ def test_memory_does_not_grow_with_failed_intervals(
     receiver.start()
     holder.set(m.Snapshot.build(start + 20, {m.TCP_SENT.name: (m.Sample(WEB, 5000.0),)}, {}))
     assert pusher.export_now()
-    assert pusher._retained_series() == (1 if temporality == "delta" else 0)
+    assert retained_series(pusher) == (1 if temporality == "delta" else 0)
 
 
 def test_one_log_line_per_failed_interval(

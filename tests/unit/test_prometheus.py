@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
+import time
 from collections.abc import Iterable
 
 import prometheus_client
@@ -194,10 +196,10 @@ def test_rendered_keeps_its_snapshot() -> None:
 def test_empty_snapshot_renders_headers_only() -> None:
     r = Exposition(m.BucketLayout(0)).render(m.EMPTY_SNAPSHOT)
     fams = by_name(parse_text(r.text.decode()))
-    assert set(fams) == {s.name for s in m.ALL_FAMILIES}
-    assert all(not f.samples for f in fams.values())
+    assert set(fams) == {s.name for s in m.ALL_FAMILIES} | PROCESS_FAMILIES
+    assert all(not f.samples for name, f in fams.items() if name not in PROCESS_FAMILIES)
     om = by_name(parse_openmetrics(r.openmetrics.decode()))
-    assert all(not f.samples for f in om.values())
+    assert all(not f.samples for name, f in om.items() if name not in PROCESS_FAMILIES)
 
 
 def test_render_replaces_the_previous_snapshot() -> None:
@@ -206,28 +208,85 @@ def test_render_replaces_the_previous_snapshot() -> None:
     second = exp.render(m.EMPTY_SNAPSHOT)
     assert b"web-7c9f8d6b5-x2x4q" in first.text
     assert b"web-7c9f8d6b5-x2x4q" not in second.text
-    # Rendering again gives the same bytes: nothing else leaks into the registry.
-    assert exp.render(m.EMPTY_SNAPSHOT).text == second.text
+    # Rendering again gives the same bytes (but for the process self-metrics, read anew):
+    # nothing of the first snapshot is kept.
+    assert without_process(exp.render(m.EMPTY_SNAPSHOT).text) == without_process(second.text)
 
 
-def _global_registry_names() -> set[str]:
-    return {metric.name for metric in prometheus_client.REGISTRY.collect()}
+def without_process(text: bytes) -> bytes:
+    """The exposition up to the process self-metrics, which come last."""
+    head, found, _ = text.partition(b"# HELP process_")
+    assert found
+    return head
 
 
-def test_uses_its_own_registry() -> None:
-    before = _global_registry_names()
+PROCESS_FAMILIES = {
+    "process_cpu_seconds",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+}
+"""Family names of the process self-metrics, as the parsers report them (counters without _total)."""
+
+
+def _global_collectors() -> set[object]:
+    return set(prometheus_client.REGISTRY._collector_to_names)
+
+
+def test_leaves_the_global_registry_alone() -> None:
+    before = _global_collectors()
     exp = Exposition(m.BucketLayout(2))
     r = exp.render(sample_snapshot())
-    assert exp.registry is not prometheus_client.REGISTRY
-    after = _global_registry_names()
-    assert after == before
-    assert not any(n.startswith("podnet") for n in after)
-    # The process-global default collectors (process_, python_gc_) are not in our output.
-    assert b"python_gc" not in r.text
-    assert b"process_cpu" not in r.text
-    # Two expositions coexist (no duplicate-registration error) and render independently.
+    # Two expositions coexist: registering in the global registry would fail here, as it
+    # already holds prometheus_client's default ProcessCollector.
     other = Exposition(m.BucketLayout(0)).render(m.EMPTY_SNAPSHOT)
+    assert _global_collectors() == before
+    assert exp.registry is not prometheus_client.REGISTRY
+    assert {f.name for f in exp.registry.collect()} == PROCESS_FAMILIES
+    # Nothing of the global registry's default collectors (python_gc_, python_info) is rendered.
+    for text in (r.text, r.openmetrics, other.text):
+        assert b"python_gc" not in text
+        assert b"python_info" not in text
     assert b"web-7c9f8d6b5" not in other.text
+
+
+@pytest.mark.parametrize("fmt", ["text", "openmetrics"])
+def test_process_metrics_appear_once_with_sane_values(rendered: Rendered, fmt: str) -> None:
+    body = getattr(rendered, fmt).decode()
+    fams = by_name((parse_text if fmt == "text" else parse_openmetrics)(body))  # a family twice fails
+    assert set(fams) >= PROCESS_FAMILIES
+    for name in PROCESS_FAMILIES:
+        exposed = name + "_total" if fmt == "text" and name == "process_cpu_seconds" else name
+        assert body.count(f"# TYPE {exposed} ") == 1, name
+        assert body.count(f"# HELP {exposed} ") == 1, name
+    value = {name: fams[name].samples[0].value for name in PROCESS_FAMILIES}
+    assert all(len(fams[name].samples) == 1 for name in PROCESS_FAMILIES)
+    assert fams["process_cpu_seconds"].type == "counter"
+    assert value["process_cpu_seconds"] > 0
+    assert 0 < value["process_open_fds"] <= value["process_max_fds"]
+    assert 0 < value["process_resident_memory_bytes"] <= value["process_virtual_memory_bytes"]
+    assert time.time() - 86400 < value["process_start_time_seconds"] <= time.time()
+    if fmt == "openmetrics":
+        assert body.endswith("# EOF\n") and body.count("# EOF") == 1
+
+
+def test_process_metrics_are_read_at_each_render() -> None:
+    exp = Exposition(m.BucketLayout(0))
+
+    def open_fds(r: Rendered) -> float:
+        fams = by_name(parse_text(r.text.decode()))
+        return fams["process_open_fds"].samples[0].value
+
+    first = open_fds(exp.render(m.EMPTY_SNAPSHOT))
+    extra = [os.dup(0) for _ in range(100)]
+    try:
+        # Other tests' server threads may open or close a few sockets meanwhile.
+        assert first + 90 <= open_fds(exp.render(m.EMPTY_SNAPSHOT)) <= first + 110
+    finally:
+        for fd in extra:
+            os.close(fd)
 
 
 def test_content_types() -> None:

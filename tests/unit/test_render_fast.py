@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,9 @@ from hypothesis import strategies as st
 from exporter.export.prometheus import Exposition, render_fast
 from exporter.metrics import model as m
 from exporter.metrics.histogram import HIST_SLOTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reference_render import render_with_client  # lives in tests/: the exporter never needs it
 
 # Label values as the exporter may see them: pod and container names, but also whatever a
 # pods file or a cgroup name holds (quotes, backslashes, newlines, non-ASCII).
@@ -53,7 +58,7 @@ def snapshots(draw: st.DrawFn) -> m.Snapshot:
 @given(snap=snapshots())
 def test_fast_writer_matches_prometheus_client(scale: int, snap: m.Snapshot) -> None:
     layout = m.BucketLayout(scale)
-    assert render_fast(snap, layout) == Exposition(layout).render_with_client(snap)
+    assert render_fast(snap, layout) == render_with_client(snap, layout)
 
 
 def test_every_family_with_data_matches() -> None:
@@ -71,7 +76,7 @@ def test_every_family_with_data_matches() -> None:
     snap = m.Snapshot.build(1.0, samples, hists)
     layout = m.BucketLayout(0)
     text, om = render_fast(snap, layout)
-    assert (text, om) == Exposition(layout).render_with_client(snap)
+    assert (text, om) == render_with_client(snap, layout)
     assert om.endswith(b"# EOF\n")
 
 
@@ -81,11 +86,16 @@ def test_equal_values_written_differently() -> None:
     samples = [m.Sample(("a", str(i), "", "", "", "x"), v) for i, v in enumerate([0.0, -0.0, 0.0, 1.0, 1])]
     snap = m.Snapshot.build(1.0, {spec.name: tuple(samples)}, {})
     layout = m.BucketLayout(0)
-    assert render_fast(snap, layout) == Exposition(layout).render_with_client(snap)
+    assert render_fast(snap, layout) == render_with_client(snap, layout)
 
 
 def test_render_uses_the_fast_writer() -> None:
     snap = m.Snapshot.build(1.0, {m.POLLS.name: (m.Sample((), 7.0),)}, {})
     r = Exposition(m.BucketLayout(0)).render(snap)
-    assert (r.text, r.openmetrics) == render_fast(snap, m.BucketLayout(0))
+    text, om = render_fast(snap, m.BucketLayout(0))
+    # Followed by the process self-metrics, which render_fast does not write.
+    assert r.text.startswith(text)
+    assert r.text[len(text) :].startswith(b"# HELP process_")
+    assert r.openmetrics.startswith(om.removesuffix(b"# EOF\n"))
+    assert r.openmetrics[len(om) - len(b"# EOF\n") :].startswith(b"# HELP process_")
     assert b"podnet_exporter_polls_total 7.0\n" in r.text

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter import __version__
-from exporter.app import config as config_module
+from exporter.app import values as values_module
 from exporter.app.config import Config, ConfigError, parse_args, resolve
 from exporter.export.otlp_config import OtlpConfig
 
@@ -422,8 +422,9 @@ def test_pods_file_unreadable(pods_file: Path, monkeypatch: pytest.MonkeyPatch) 
     def refuse(*args: object, **kwargs: object) -> NoReturn:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    # chmod would not stop root, who runs these tests in CI.
-    monkeypatch.setattr(config_module, "open", refuse, raising=False)
+    # chmod would not stop root, who runs these tests in CI. Files are checked where values
+    # are parsed (exporter.app.values).
+    monkeypatch.setattr(values_module, "open", refuse, raising=False)
     message = error_of("--pods-file", str(pods_file))
     assert "cannot read it" in message
     assert "pass an existing file, e.g. kubectl get pods -o json > pods.json" in message

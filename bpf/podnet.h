@@ -3,13 +3,13 @@
  * Kernel-internal headers are deliberately not included: their struct layouts are the
  * headers' kernel's, not the running kernel's. Every field is read at an offset that the
  * loader resolved from the running kernel's BTF and passed in as a -D macro
- * (see exporter/offsets.py; `podnet-exporter bpf-source` prints them).
+ * (see exporter/kernel/offsets.py; `podnet-exporter bpf-source` prints them).
  */
 #ifndef PODNET_H
 #define PODNET_H
 
 #ifndef PODNET_OFF_SKC_FAMILY
-#error "PODNET_OFF_* macros are missing: load this program through exporter.programs"
+#error "PODNET_OFF_* macros are missing: load this program through exporter.kernel.programs"
 #endif
 
 #ifndef PODNET_MAP_ENTRIES

@@ -15,7 +15,7 @@
 #define PODNET_PROTO_OTHER 1
 #define PODNET_PROTO_HTTP 2
 
-/* HTTP methods; keep in step with exporter/bpf_structs.py HTTP_METHODS. */
+/* HTTP methods; keep in step with exporter/metrics/raw.py HTTP_METHODS. */
 #define PODNET_HTTP_GET 1
 #define PODNET_HTTP_POST 2
 #define PODNET_HTTP_PUT 3

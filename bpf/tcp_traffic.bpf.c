@@ -72,7 +72,7 @@ struct tcp_sock_info {
 /* Socket-local storage: found from the socket itself, no hashing, no size limit to tune. */
 BPF_SK_STORAGE(tcp_sock_state, struct tcp_sock_info);
 
-/* A live socket's byte counters, mirrored in exporter/bpf_structs.py (TcpSockSlot). The
+/* A live socket's byte counters, mirrored in exporter/kernel/bpf_structs.py (TcpSockSlot). The
  * poller maps this array and reads the slots below the high-water mark in place. `id` is
  * written last when a socket takes a slot and cleared when it gives it back, so a reader
  * that finds the same id before and after reading the counters read that socket's. */
@@ -97,7 +97,7 @@ struct tcp_sock_final {
     u64 received;
 };
 BPF_F_TABLE("hash", u64, struct tcp_sock_final, tcp_sock_final, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
-/* Mirrored in exporter/bpf_structs.py (TcpSockIds). */
+/* Mirrored in exporter/kernel/bpf_structs.py (TcpSockIds). */
 struct tcp_sock_ids {
     u64 last_id;        /* the last socket id given out */
     u64 slots_taken;    /* slots ever taken from the array: the high-water mark */

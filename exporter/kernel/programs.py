@@ -1,7 +1,7 @@
 """Compile bpf/*.bpf.c with BCC and attach each program to its tracepoint.
 
 The hot-path program (tcp_traffic) is loaded as a BTF-typed tracepoint program (tp_btf,
-exporter/bpf_syscall.py) where the kernel allows it: plain loads instead of
+exporter/kernel/bpf_syscall.py) where the kernel allows it: plain loads instead of
 bpf_probe_read_kernel and socket-local storage instead of a socket-keyed hash map. On
 kernels without tp_btf the same source is built for raw tracepoints (-DPODNET_TP_BTF
 absent). The other programs run once per connection event and use raw tracepoints.

@@ -62,18 +62,18 @@ else
     # image and a compiler, which a node does not need for UAPI headers (and installing a
     # kernel runs initramfs-tools on the user's machine).
     debs=/var/lib/podnet/headers-packages
-    say "kernel $(uname -r): unpacking $flavour_pkg and $common_pkg into $debs"
+    unpacked=$debs/$flavour_pkg
+    say "kernel $(uname -r): unpacking $flavour_pkg and $common_pkg into $unpacked"
     dl=$(mktemp -d)
     (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root "$flavour_pkg" "$common_pkg") \
         || { rm -rf "$dl"; die "apt-get download $flavour_pkg $common_pkg failed"; }
-    rm -rf "$debs.new" && mkdir -p "$debs.new"
-    for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$debs.new"; done
+    rm -rf "$unpacked" && mkdir -p "$unpacked"
+    for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$unpacked"; done
     rm -rf "$dl"
-    built=$(kh build "$debs.new/usr/src/$common_pkg" "$debs.new/usr/src/$flavour_pkg" "$tree.new" 2>&1) || die "$built"
-    # The tree links into the unpacked packages: move both into place, then rebuild the links
-    # at their final paths (cheap) so that nothing points into a .new directory.
-    rm -rf "$debs" "$tree.new" && mv "$debs.new" "$debs"
-    built=$(kh build "$debs/usr/src/$common_pkg" "$debs/usr/src/$flavour_pkg" "$tree" 2>&1) || die "$built"
+    # build checks the merged tree before it replaces the old one.
+    built=$(kh build "$unpacked/usr/src/$common_pkg" "$unpacked/usr/src/$flavour_pkg" "$tree" 2>&1) || die "$built"
+    # Versions unpacked by earlier runs are no longer linked from the tree.
+    find "$debs" -mindepth 1 -maxdepth 1 ! -name "$flavour_pkg" -exec rm -rf {} +
     say "kernel headers: $built"
 fi
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.metrics import model as m
@@ -90,9 +92,20 @@ class Exposition:
     def render_process(self) -> tuple[bytes, bytes]:
         """(text, OpenMetrics without "# EOF") of the process self-metrics, read now from
         /proc/self (blocking: call it off the event loop). Empty where there is no /proc."""
-        text = generate_latest(self.registry)
-        om = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
+        read = _Collected(list(self.registry.collect()))  # one reading for both formats
+        text = generate_latest(read)
+        om = generate_openmetrics(read)  # type: ignore[no-untyped-call]
         return text, om.removesuffix(_EOF)
+
+
+class _Collected(Collector):
+    """Families collected once, rendered in both formats from the same reading."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 # ---- fast writer -------------------------------------------------------------------------------

@@ -204,6 +204,8 @@ class LoadedPrograms:
     """hook label -> (program fd, link fd) of hooks attached as tp_btf programs."""
     builds: dict[str, str] = field(default_factory=dict)
     """program -> how it was built and attached (Variant.describe), for logs and doctor."""
+    headers: str = ""
+    """The kernel headers tree BCC compiled against (kernel.headers.find_tree), for messages."""
     passed_over: dict[str, list[str]] = field(default_factory=dict)
     """program -> the builds tried before the one that loaded, each with why it did not
     (Variant.describe: reason): logged as a warning at start-up and shown by doctor."""
@@ -340,12 +342,6 @@ def _first_error(lines: Sequence[str], exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _headers_hint() -> str:
-    # load_programs put the tree it checked in BCC_KERNEL_SOURCE (or left BCC its default).
-    headers = find_tree()
-    return f" (kernel headers: {headers.path})" if headers.ok else f"; {headers.reason}"
-
-
 def _close_link(fds: tuple[int, int] | None) -> None:
     """Close a (program fd, link fd) pair, link first: that detaches the program."""
     for fd in reversed(fds or ()):
@@ -397,7 +393,8 @@ def _compile_and_attach(
         with _captured_stderr() as diag:
             obj = bpf_class(src_file=str(spec.source).encode(), cflags=cflags, debug=debug)
     except Exception as e:  # BCC raises bare Exception on compile failure
-        reason = f"BCC could not compile {spec.source.name}: {_first_error(diag, e)}{_headers_hint()}"
+        why = _first_error(diag, e)
+        reason = f"BCC could not compile {spec.source.name}: {why} (kernel headers: {loaded.headers})"
         for st in usable:
             st.reason = reason
         return True  # another variant would not compile either
@@ -466,7 +463,7 @@ def load_programs(
     """`requests` is a Config.requests mode: "turns" builds the hot path without reading
     payloads, "off" without request tracking (no clock read per event); `tp_btf=False`
     forces the raw-tracepoint build. `kernel_headers` is Config.kernel_headers: BCC is
-    pointed at the first usable headers tree (kernel_headers.find_tree) before anything
+    pointed at the first usable headers tree (headers.find_tree) before anything
     compiles, because libbcc crashes on a tree it cannot use."""
     headers = find_tree(kernel_headers)
     if not headers.ok:
@@ -474,7 +471,7 @@ def load_programs(
     headers.use()
     from bcc import BPF  # imported late: `doctor` must work where BCC is missing
 
-    loaded = LoadedPrograms()
+    loaded = LoadedPrograms(headers=headers.detail)
     for spec in specs:
         statuses = [HookStatus(spec.name, h) for h in spec.hooks]
         loaded.hooks.extend(statuses)

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from exporter.pods.pods import PodMeta, PodsFileError, load_pod_list
@@ -95,14 +95,31 @@ class PodStore:
         return len({p.uid for p in self._by_uid.values()})
 
 
-def _ip_index(pods: object) -> dict[str, PodMeta]:
+def _ip_index(pods: Iterable[PodMeta]) -> dict[str, PodMeta]:
+    """Pods by IP, for naming the peer of a flow.
+
+    Only pods whose IPs still name them are indexed (PodMeta.names_peers_by_ip): Running,
+    Pending with an IP, pods of absent phase, taken to be running since a pods file need not
+    carry status.phase, and phase Unknown (last in any clash). Finished pods (Succeeded,
+    Failed) stay in the store for their own metrics, but their IPs may already belong to
+    another pod. When several pods claim one IP (a stale status during a handover), the lowest
+    PodMeta.ip_claim_rank wins (Running first), then the lowest UID, so the result never
+    depends on the order of the input.
+    """
     index: dict[str, PodMeta] = {}
-    for pod in pods:  # type: ignore[attr-defined]
-        # hostNetwork pods share the node's address: it names the node, not them.
-        if not pod.host_network:
-            for ip in pod.pod_ips:
+    for pod in pods:
+        # Also skips hostNetwork pods: they share the node's address, which names no pod.
+        if not pod.names_peers_by_ip:
+            continue
+        for ip in pod.pod_ips:
+            held = index.get(ip)
+            if held is None or _claim(pod) < _claim(held):
                 index[ip] = pod
     return index
+
+
+def _claim(pod: PodMeta) -> tuple[int, str]:
+    return pod.ip_claim_rank, pod.uid
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ _HEX = "[0-9a-fA-F]"
 _KUBELET_UID = re.compile(f"{_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}")
 _LIST_KINDS = ("List", "PodList")
 _MAX_SHOWN = 80
+_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+_IP_CLAIM_RANK = {"Running": 0, "": 1, "Pending": 2}
 
 
 class PodMetadataError(ValueError):
@@ -63,6 +65,10 @@ class PodMeta:
     containers: tuple[tuple[str, str], ...]
     # Set only for mirror pods: the kubelet's UID for the static pod, as found in its cgroup path.
     static_uid: str | None = None
+    # status.phase as given ("Running", "Pending", "Succeeded", "Failed", "Unknown"); "" when
+    # absent, as in a hand-written pods file. Decides whether the pod's IPs name it: see
+    # names_peers_by_ip.
+    phase: str = ""
 
     def container_name(self, container_id: str) -> str | None:
         """Name of the container with this id (with or without the runtime:// prefix)."""
@@ -71,6 +77,30 @@ class PodMeta:
             if cid == wanted:
                 return name
         return None
+
+    @property
+    def finished(self) -> bool:
+        """The pod has terminated (phase Succeeded or Failed): its IPs are free for reuse."""
+        return self.phase in _FINISHED_PHASES
+
+    @property
+    def names_peers_by_ip(self) -> bool:
+        """Whether a flow to one of pod_ips may be attributed to this pod.
+
+        True for phase Running, for Pending once it has an IP, and for an absent phase (a pods
+        file need not carry status.phase, and a pod listed with an IP is taken to be running).
+        False for finished pods (Succeeded, Failed), whose IPs the network may already have
+        handed to another pod, and for hostNetwork pods, whose IPs are the node's. Any other
+        phase ("Unknown": the node stopped reporting, so its pods most likely still hold their
+        IPs) also names peers, but loses every IP clash: see ip_claim_rank.
+        """
+        return bool(self.pod_ips) and not self.host_network and not self.finished
+
+    @property
+    def ip_claim_rank(self) -> int:
+        """Precedence when several pods claim one IP; lower wins. Running, then an absent phase
+        (assumed running), then Pending, then anything else ("Unknown")."""
+        return _IP_CLAIM_RANK.get(self.phase, len(_IP_CLAIM_RANK))
 
     @property
     def cgroup_uids(self) -> tuple[str, ...]:
@@ -271,6 +301,7 @@ def pod_from_json(obj: object) -> PodMeta:
     pod_ip = check.string(status, "podIP", "status.podIP", required=False)
     if not ips and pod_ip:
         ips.append(check.ip(pod_ip, "status.podIP"))
+    phase = check.string(status, "phase", "status.phase", required=False)
 
     containers: list[tuple[str, str]] = []
     for list_key in _STATUS_LISTS:
@@ -294,6 +325,7 @@ def pod_from_json(obj: object) -> PodMeta:
         host_network=host_network,
         containers=tuple(containers),
         static_uid=_kubelet_uid(mirror) if mirror else None,
+        phase=phase,
     )
 
 

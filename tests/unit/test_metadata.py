@@ -34,6 +34,7 @@ def pod_json(
     owner: tuple[str, str] | None = ("ReplicaSet", "web-7c9f8d6b5"),
     labels: dict[str, str] | None = None,
     annotations: dict[str, str] | None = None,
+    phase: str | None = "Running",
 ) -> dict[str, Any]:
     """One item of `kubectl get pods -o json`, trimmed to realistic essentials."""
     meta: dict[str, Any] = {
@@ -69,8 +70,9 @@ def pod_json(
             }
         ],
         "hostIP": "10.0.0.11",
-        "phase": "Running",
     }
+    if phase is not None:
+        status["phase"] = phase
     if ip is not None:
         status["podIP"] = ip
         status["podIPs"] = [{"ip": ip}]
@@ -119,8 +121,10 @@ def pod_list(*items: dict[str, Any]) -> str:
     )
 
 
-def meta(uid: str, name: str = "p", ips: tuple[str, ...] = (), host_network: bool = False) -> PodMeta:
-    return PodMeta(uid, "ns", name, "node-a", name, "Pod", ips, host_network, ())
+def meta(
+    uid: str, name: str = "p", ips: tuple[str, ...] = (), host_network: bool = False, phase: str = "Running"
+) -> PodMeta:
+    return PodMeta(uid, "ns", name, "node-a", name, "Pod", ips, host_network, (), phase=phase)
 
 
 # ---- PodStore --------------------------------------------------------------------------
@@ -171,6 +175,118 @@ def test_host_network_pods_are_not_indexed_by_ip() -> None:
     assert store.by_ip("10.0.0.11") is None
     store.upsert(meta(UID_DB, "db", ("10.0.0.11",), host_network=True))
     assert store.by_ip("10.0.0.11") is None
+
+
+# (case, phase, IPs, indexed by IP): which pods name the peer of a flow by their IP.
+IP_INDEX_BY_PHASE: list[tuple[str, str, tuple[str, ...], bool]] = [
+    ("running", "Running", ("10.244.1.17", "fd00::17"), True),
+    ("pending with IP", "Pending", ("10.244.1.17", "fd00::17"), True),
+    ("pending without IP", "Pending", (), False),
+    ("succeeded: IP free for reuse", "Succeeded", ("10.244.1.17", "fd00::17"), False),
+    ("failed: IP free for reuse", "Failed", ("10.244.1.17", "fd00::17"), False),
+    ("absent phase: taken as running", "", ("10.244.1.17", "fd00::17"), True),
+    ("unknown: node not reporting", "Unknown", ("10.244.1.17", "fd00::17"), True),
+]
+
+
+@pytest.mark.parametrize("via", ["replace_all", "upsert"])
+@pytest.mark.parametrize(
+    ("case", "phase", "ips", "indexed"), IP_INDEX_BY_PHASE, ids=[c[0] for c in IP_INDEX_BY_PHASE]
+)
+def test_ip_index_by_phase(case: str, phase: str, ips: tuple[str, ...], indexed: bool, via: str) -> None:
+    store = PodStore()
+    pod = meta(UID_WEB, "web", ips, phase=phase)
+    if via == "replace_all":
+        store.replace_all({pod.uid: pod})
+    else:
+        store.upsert(pod)
+    assert store.by_uid(UID_WEB) is pod, "every pod keeps its metadata, finished or not"
+    assert store.pods() == [pod]
+    for ip in ips:
+        assert store.by_ip(ip) is (pod if indexed else None)
+
+
+# (case, winner's phase, loser's phase); both claim one IP. The loser gets the lower UID, so
+# only the phase can make the winner win.
+IP_CLAIMS: list[tuple[str, str, str]] = [
+    ("running over succeeded", "Running", "Succeeded"),
+    ("running over failed", "Running", "Failed"),
+    ("pending over succeeded", "Pending", "Succeeded"),
+    ("absent phase over failed", "", "Failed"),
+    ("running over pending", "Running", "Pending"),
+    ("running over absent phase", "Running", ""),
+    ("absent phase over pending", "", "Pending"),
+    ("pending over unknown", "Pending", "Unknown"),
+]
+IP = "10.244.1.17"
+
+
+@pytest.mark.parametrize("winner_first", [True, False], ids=["winner first", "winner last"])
+@pytest.mark.parametrize(("case", "win_phase", "lose_phase"), IP_CLAIMS, ids=[c[0] for c in IP_CLAIMS])
+def test_ip_claimed_twice(case: str, win_phase: str, lose_phase: str, winner_first: bool) -> None:
+    winner = meta(UID_DB, "winner", (IP,), phase=win_phase)
+    loser = meta(UID_WEB, "loser", (IP, "10.244.9.9"), phase=lose_phase)
+    assert loser.uid < winner.uid
+    order = [winner, loser] if winner_first else [loser, winner]
+
+    replaced = PodStore()
+    replaced.replace_all({p.uid: p for p in order})
+    upserted = PodStore()
+    for p in order:
+        upserted.upsert(p)
+    for store in (replaced, upserted):
+        assert store.by_ip(IP) is winner
+        assert store.by_uid(UID_WEB) is loser
+        # The loser's other IPs are its own if it may name peers at all.
+        assert store.by_ip("10.244.9.9") is (loser if loser.names_peers_by_ip else None)
+
+
+@pytest.mark.parametrize("phase", ["Running", "Pending", "", "Succeeded"])
+def test_ip_claimed_twice_in_one_phase_goes_to_the_lower_uid(phase: str) -> None:
+    a = meta(UID_WEB, "a", (IP,), phase=phase)
+    b = meta(UID_DB, "b", (IP,), phase=phase)
+    assert a.uid < b.uid
+    want = a if a.names_peers_by_ip else None
+    for order in ([a, b], [b, a]):
+        store = PodStore()
+        store.replace_all({p.uid: p for p in order})
+        assert store.by_ip(IP) is want
+
+
+def test_ip_handover_through_watch_events() -> None:
+    store = PodStore()
+    old = meta(UID_DB, "job-a", (IP,), phase="Running")
+    store.upsert(old)
+    assert store.by_ip(IP) is old
+    # The old pod's IP goes to a new pod before the old pod's final status arrives.
+    new = meta(UID_WEB, "web", (IP,), phase="Pending")
+    store.upsert(new)
+    assert store.by_ip(IP) is old, "a stale Running status still wins over Pending"
+    store.upsert(meta(UID_DB, "job-a", (IP,), phase="Succeeded"))
+    assert store.by_ip(IP) is new
+    running = meta(UID_WEB, "web", (IP,), phase="Running")
+    store.upsert(running)
+    assert store.by_ip(IP) is running
+    # The finished pod stays for its own metrics, its IP no longer its own.
+    assert store.by_uid(UID_DB) is not None
+    assert store.by_uid(UID_DB).phase == "Succeeded"  # type: ignore[union-attr]
+    store.delete(UID_WEB)
+    assert store.by_ip(IP) is None, "a finished pod never takes back its old IP"
+
+
+@pytest.mark.parametrize("finished_first", [True, False])
+def test_pods_file_finished_pod_does_not_name_peers(tmp_path: Path, finished_first: bool) -> None:
+    job = pod_json("job-x7k2p", UID_DB, ip=IP, owner=("Job", "report"), labels={}, phase="Succeeded")
+    web = pod_json("web-7c9f8d6b5-x2x4q", UID_WEB, ip=IP)
+    no_phase = pod_json("hand-written", UID_PROXY, ip="10.244.3.3", owner=None, labels={}, phase=None)
+    path = tmp_path / "pods.json"
+    path.write_text(pod_list(*([job, web] if finished_first else [web, job]), no_phase))
+    store = PodStore()
+    PodsFileSource(str(path), store).load_initial()
+    assert len(store) == 3
+    assert store.by_ip(IP) is store.by_uid(UID_WEB)
+    assert store.by_uid(UID_DB) is not None
+    assert store.by_ip("10.244.3.3") is store.by_uid(UID_PROXY), "absent phase is taken as running"
 
 
 def test_upsert_inserts_and_replaces() -> None:

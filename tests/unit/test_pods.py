@@ -285,6 +285,7 @@ def test_pod_from_json_full() -> None:
         pod_ips=("10.244.1.17",),
         host_network=False,
         containers=((CID, "nginx"), (CID2, "envoy")),
+        phase="Running",
     )
     assert meta.container_name(CID) == "nginx"
     assert meta.container_name(f"containerd://{CID2}") == "envoy"
@@ -327,6 +328,58 @@ def test_pending_pod_without_status_or_node() -> None:
     pod["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
     meta = pod_from_json(pod)
     assert (meta.node, meta.pod_ips, meta.containers) == ("", (), ())
+
+
+# (case, status.phase or None for absent, IPs, hostNetwork, parsed phase, finished, names peers by IP)
+PHASES: list[tuple[str, str | None, bool, bool, str, bool, bool]] = [
+    ("running", "Running", True, False, "Running", False, True),
+    ("pending with IP", "Pending", True, False, "Pending", False, True),
+    ("pending without IP", "Pending", False, False, "Pending", False, False),
+    ("succeeded", "Succeeded", True, False, "Succeeded", True, False),
+    ("failed", "Failed", True, False, "Failed", True, False),
+    ("unknown", "Unknown", True, False, "Unknown", False, True),
+    ("absent: taken as running", None, True, False, "", False, True),
+    ("running hostNetwork", "Running", True, True, "Running", False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "phase", "with_ip", "host", "want_phase", "finished", "names_peers"),
+    PHASES,
+    ids=[c[0] for c in PHASES],
+)
+def test_phase(
+    case: str,
+    phase: str | None,
+    with_ip: bool,
+    host: bool,
+    want_phase: str,
+    finished: bool,
+    names_peers: bool,
+) -> None:
+    pod = make_pod()
+    if phase is None:
+        del pod["status"]["phase"]
+    else:
+        pod["status"]["phase"] = phase
+    if not with_ip:
+        del pod["status"]["podIP"], pod["status"]["podIPs"]
+    pod["spec"]["hostNetwork"] = host
+    meta = pod_from_json(pod)
+    assert (meta.phase, meta.finished, meta.names_peers_by_ip) == (want_phase, finished, names_peers)
+
+
+def test_phase_absent_without_status() -> None:
+    pod = make_pod()
+    del pod["status"]
+    assert pod_from_json(pod).phase == ""
+
+
+def test_ip_claim_rank_order() -> None:
+    def rank(phase: str) -> int:
+        return PodMeta(UID, "ns", "p", "n", "p", "Pod", ("10.0.0.1",), False, (), phase=phase).ip_claim_rank
+
+    assert rank("Running") < rank("") < rank("Pending") < rank("Unknown") == rank("Whatever")
 
 
 def test_host_network_has_no_pod_ips() -> None:
@@ -421,6 +474,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
         "status.podIPs[0].ip is not an IP",
     ),
     ("podIP", lambda p: p["status"].update(podIPs=[], podIP="nope"), "status.podIP is not an IP address"),
+    ("phase", lambda p: p["status"].update(phase=1), "status.phase must be a string, got number"),
     (
         "containerStatuses",
         lambda p: p["status"].update(containerStatuses={"name": "x"}),

@@ -155,6 +155,12 @@ static __always_inline u32 podnet_msb64(u64 v)
 
 static __always_inline u32 podnet_hist_slot(u64 ns)
 {
+    /* ns >= 2^41 (2199 s) is more than 2^41 units (2048 s), past the last slot's lower
+     * edge 2^(MAX_OCTAVE + 3/4) units (2^10.75 s = 1722 s): the last slot, by a margin no
+     * rounding below can cross. This also keeps ns * 1125900 under 2^62: it would wrap
+     * u64 from 2^64 / 1125900 ns (4.55 h) on and bucket such durations low. */
+    if (ns >> 41)
+        return PODNET_HIST_SLOTS - 1;
     /* 2^30 / 1e9 = 1.073741824; 1125900 / 2^20 matches it to 1e-7. */
     u64 v = (ns * 1125900ULL) >> 20;
     if (v <= 1)

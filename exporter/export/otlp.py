@@ -37,13 +37,19 @@ so its labels cannot reuse the ``k8s.*`` keys; they are namespaced under ``podne
 
 Temporality, failures and memory
 --------------------------------
-Cumulative (the default) sends the kernel's running totals with the pusher's start as start time, so
-an export after an outage carries exact totals and nothing needs to be queued. Delta ("delta", and the
+Cumulative (the default) sends the kernel's running totals, so an export after an outage carries exact
+totals and nothing needs to be queued. Their start time is when those totals started: the snapshot's
+``counters_since`` for the pod families, which outlive an exporter restart (it moves only when the
+counters really restart from zero, and a backend sees a reset exactly then); the pusher's start for the
+self-metrics, and for everything while ``counters_since`` is unknown (0). Delta ("delta", and the
 spec's "lowmemory", which means the same for podnet's monotonic sums and histograms) sends the change
 since the last export that *delivered* each series; a failed export moves nothing, so the next
-successful one covers the whole gap. Series that did not change are left out of a delta export; gauges
-always carry their current value. The only state kept is that baseline, one entry per series of the
-latest snapshot. Exports never queue snapshots: each one reads the latest.
+successful one covers the whole gap. A series without a baseline yet starts where its cumulative value
+does (the start time above). When ``counters_since`` moves, the pod families' baseline is dropped: their
+totals restarted, and the next points carry them whole from the new start. Series that did not change
+are left out of a delta export; gauges always carry their current value. The only state kept is that
+baseline, one entry per series of the latest snapshot. Exports never queue snapshots: each one reads
+the latest.
 
 A large snapshot goes out as several requests of at most MAX_POINTS_PER_REQUEST points, one after the
 other; the first failure ends the export (counted once). With delta, the series of the requests that did
@@ -102,6 +108,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = "podnet-exporter"
 SCOPE_NAME: Final = "podnet"
+
+_SINCE_FAMILIES: Final = frozenset(spec.name for spec in m.POD_FAMILIES)
+"""Families whose totals start at ``Snapshot.counters_since``: the pod families, kept across restarts.
+The self-metrics (polls, errors, OTLP exports, ...) are the process's own and start with it."""
 
 MAX_POINTS_PER_REQUEST: Final = 2000
 """Data points per OTLP request. Collectors reject gRPC messages over 4 MiB by default; a point with its
@@ -325,10 +335,13 @@ def snapshot_metrics(
     baseline: Mapping[SeriesKey, tuple[int, m.Sample | m.HistSample]] | None = None,
 ) -> list[_Family]:
     """The snapshot's families as SDK data points (pure). Cumulative when ``baseline`` is None; delta
-    otherwise, against the baseline's entries (series without one start at ``start_ns``), leaving out
-    series that did not change."""
+    otherwise, against the baseline's entries, leaving out series that did not change. Points without a
+    baseline start at ``snap.counters_since`` for the pod families when it is known (> 0), else at
+    ``start_ns`` (the exporter's start)."""
     time_ns = int(snap.taken_at * 1e9)
+    since_ns = int(snap.counters_since * 1e9) if snap.counters_since > 0 else start_ns
     start_ns = min(start_ns, time_ns)
+    since_ns = min(since_ns, time_ns)
     layout = layout or m.BucketLayout()
     families: list[_Family] = []
     for spec in m.ALL_FAMILIES:
@@ -340,9 +353,10 @@ def snapshot_metrics(
             if spec.kind is m.Kind.HISTOGRAM
             else snap.samples.get(spec.name, ())
         )
+        family_start = since_ns if spec.name in _SINCE_FAMILIES else start_ns
         for cur in series:
             key = (spec.name, cur.labels)
-            point_start, sample = start_ns, cur
+            point_start, sample = family_start, cur
             if delta:
                 assert baseline is not None
                 prev = baseline.get(key)
@@ -528,6 +542,8 @@ class OtlpPusher:
         """Held for a whole export: the SDK exporters must not be called concurrently."""
         # Guarded by _export_lock:
         self._baseline: dict[SeriesKey, tuple[int, m.Sample | m.HistSample]] = {}
+        self._counters_since: float | None = None
+        """counters_since of the last snapshot sent: the pod families' baseline belongs to it."""
         self._last_delivered_at = 0.0
         self._failing = 0
         self._closed = False
@@ -630,6 +646,12 @@ class OtlpPusher:
         return ok
 
     def _send(self, snap: m.Snapshot) -> tuple[bool, str]:
+        if self._counters_since is not None and snap.counters_since != self._counters_since:
+            # The pod counters restarted from zero: deltas against the old totals would be negative (or
+            # short). Their next points carry the new totals whole, from the new start.
+            for key in [k for k in self._baseline if k[0] in _SINCE_FAMILIES]:
+                del self._baseline[key]
+        self._counters_since = snap.counters_since
         families = snapshot_metrics(
             snap,
             start_ns=self._start_ns,

@@ -1,5 +1,12 @@
 """Prometheus exposition of snapshots: text format, OpenMetrics, gzip; rendered once per
-snapshot so a scrape only copies bytes."""
+snapshot so a scrape only copies bytes.
+
+OpenMetrics carries a `_created` sample (Unix seconds) after each counter and histogram
+series of the pod families when the snapshot knows when their totals started
+(`Snapshot.counters_since` > 0): that is when they last really restarted from zero, not when
+this process started, since they outlive a restart. The text format has no `_created`
+(prometheus_client leaves it out there too for its own metrics), and neither do gauges and
+the self-metrics, which count from the process start."""
 
 from __future__ import annotations
 
@@ -81,9 +88,9 @@ class Exposition:
         om = zlib.compressobj(1, zlib.DEFLATED, _GZIP)
         text_out: list[bytes] = []
         om_out: list[bytes] = []
-        for text_head, om_head, body in _families(snap, self.layout):
-            text_out += (text.compress(text_head), text.compress(body))
-            om_out += (om.compress(om_head), om.compress(body))
+        for text_head, om_head, text_body, om_body in _families(snap, self.layout):
+            text_out += (text.compress(text_head), text.compress(text_body))
+            om_out += (om.compress(om_head), om.compress(om_body))
         process_text, process_om = self.render_process()
         text_out += (text.compress(process_text), text.flush())
         om_out += (om.compress(process_om), om.compress(_EOF), om.flush())
@@ -112,7 +119,8 @@ class _Collected(Collector):
 # prometheus_client validates and escapes every label name of every sample, and builds a
 # dict and a Sample per histogram bucket: about 35 us per line, 3.4 s for the 100k lines of
 # 1,000 pods. Our label names are fixed per family, so their sorted order is computed once,
-# and the sample lines (the same in both formats) are written once for both.
+# and the sample lines (the same in both formats) are written once for both; OpenMetrics
+# adds a `_created` line after each series of a counter or histogram when it has one.
 
 
 _go_float: Callable[[float], str] = floatToGoString
@@ -150,7 +158,16 @@ def _label_order(names: tuple[str, ...]) -> list[int]:
     return sorted(range(len(names)), key=lambda i: names[i])
 
 
-def _sample_body(name: str, spec: m.MetricSpec, samples: tuple[m.Sample, ...]) -> bytes:
+_CREATED_FAMILIES = frozenset(spec.name for spec in m.POD_FAMILIES)
+"""Families whose totals start at `Snapshot.counters_since` (see the module docstring)."""
+
+
+def _sample_body(
+    name: str, spec: m.MetricSpec, samples: tuple[m.Sample, ...], created: str = ""
+) -> tuple[bytes, bytes]:
+    """(text, OpenMetrics) lines of a counter or gauge. `created` (Go-formatted, counters
+    only) adds a `<family>_created` line after each OpenMetrics sample; without it the two
+    bodies are the same object."""
     n = len(spec.labels)
     if n:
         fields = ",".join(_fields(spec.labels, _label_order(spec.labels)))
@@ -168,12 +185,25 @@ def _sample_body(name: str, spec: m.MetricSpec, samples: tuple[m.Sample, ...]) -
         if value is None:
             value = numbers[key] = _go_float(s.value)
         lines.append(fmt(*_escaped(s.labels), value))
-    return "".join(lines).encode()
+    text = "".join(lines).encode()
+    if not created:
+        return text, text
+    # A line's label set is the text between its sample name and its last space (values
+    # have none).
+    created_name = name.removesuffix("_total") + "_created"
+    skip = len(name)
+    tail = f" {created}\n"
+    om: list[str] = []
+    for text_line in lines:
+        om += (text_line, created_name + text_line[skip : text_line.rindex(" ")] + tail)
+    return text, "".join(om).encode()
 
 
 def _histogram_body(
-    name: str, spec: m.MetricSpec, hists: tuple[m.HistSample, ...], layout: m.BucketLayout
-) -> bytes:
+    name: str, spec: m.MetricSpec, hists: tuple[m.HistSample, ...], layout: m.BucketLayout, created: str = ""
+) -> tuple[bytes, bytes]:
+    """(text, OpenMetrics) lines of a histogram; `created` as in _sample_body, its line
+    written after `_sum`."""
     fields = _fields(spec.labels, _label_order(spec.labels))
     # "le" goes where it sorts among the label names.
     split = sum(1 for i in range(len(spec.labels)) if spec.labels[i] < "le")
@@ -181,12 +211,14 @@ def _histogram_body(
     tail = "".join("," + f for f in fields[split:]) + "}}"
     labels = "{{" + ",".join(fields) + "}}" if fields else ""
     totals = f"{name}_count{labels} {{{len(fields)}}}\n{name}_sum{labels} {{{len(fields) + 1}}}\n"
+    created_line = f"{name}_created{labels} {created}\n".format if created else None
     # All bucket lines of one histogram in one format call: {0} and {1} are the labels
     # before and after le, {2}... the cumulative counts.
     les = [_le(b) for b in (*layout.bounds, math.inf)]
     buckets = "".join(f'{{0}}le="{le}"{{1}} {{{i + 2}}}\n' for i, le in enumerate(les)).format
     counts: dict[int, str] = {}
     lines: list[str] = []
+    om: list[str] = []
     for h in hists:
         values = _escaped(h.labels)
         cumulative = []
@@ -195,22 +227,33 @@ def _histogram_body(
             if count is None:
                 count = counts[c] = _go_float(float(c))
             cumulative.append(count)
-        lines.append(buckets(head.format(*values), tail.format(*values), *cumulative))
-        lines.append(totals.format(*values, cumulative[-1], _go_float(h.sum)))
-    return "".join(lines).encode()
+        series = (
+            buckets(head.format(*values), tail.format(*values), *cumulative),
+            totals.format(*values, cumulative[-1], _go_float(h.sum)),
+        )
+        lines += series
+        if created_line is not None:
+            om += (*series, created_line(*values))
+    text = "".join(lines).encode()
+    return text, "".join(om).encode() if created_line is not None else text
 
 
-def _families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[tuple[bytes, bytes, bytes]]:
-    """(text format header, OpenMetrics header, sample lines) of every family, in order."""
+def _families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
+    """(text format header, OpenMetrics header, text sample lines, OpenMetrics sample lines)
+    of every family, in order."""
+    since = _go_float(snap.counters_since) if snap.counters_since > 0 else ""
     for spec in m.ALL_FAMILIES:
         name = _family_name(spec)
+        created = since if spec.name in _CREATED_FAMILIES else ""
         if spec.kind is m.Kind.HISTOGRAM:
             kind = "histogram"
-            body = _histogram_body(name, spec, snap.histograms.get(spec.name, ()), layout)
+            body, om_body = _histogram_body(name, spec, snap.histograms.get(spec.name, ()), layout, created)
+        elif spec.kind is m.Kind.COUNTER:
+            kind = "counter"
+            body, om_body = _sample_body(name + "_total", spec, snap.samples.get(spec.name, ()), created)
         else:
-            kind = "counter" if spec.kind is m.Kind.COUNTER else "gauge"
-            sample_name = name + "_total" if kind == "counter" else name
-            body = _sample_body(sample_name, spec, snap.samples.get(spec.name, ()))
+            kind = "gauge"
+            body, om_body = _sample_body(name, spec, snap.samples.get(spec.name, ()))
         exposed = name + "_total" if kind == "counter" else name
         text_help = spec.help.replace("\\", r"\\").replace("\n", r"\n")
         unit = f"# UNIT {name} {spec.unit}\n" if spec.unit else ""
@@ -218,6 +261,7 @@ def _families(snap: m.Snapshot, layout: m.BucketLayout) -> Iterator[tuple[bytes,
             f"# HELP {exposed} {text_help}\n# TYPE {exposed} {kind}\n".encode(),
             f"# HELP {name} {_escape_value(spec.help)}\n# TYPE {name} {kind}\n{unit}".encode(),
             body,
+            om_body,
         )
 
 
@@ -227,8 +271,8 @@ def render_fast(snap: m.Snapshot, layout: m.BucketLayout) -> tuple[bytes, bytes]
     reference; tests/unit/test_render_fast.py compares the two)."""
     text: list[bytes] = []
     om: list[bytes] = []
-    for text_head, om_head, body in _families(snap, layout):
-        text += (text_head, body)
-        om += (om_head, body)
+    for text_head, om_head, text_body, om_body in _families(snap, layout):
+        text += (text_head, text_body)
+        om += (om_head, om_body)
     om.append(_EOF)
     return b"".join(text), b"".join(om)

@@ -347,6 +347,10 @@ class Snapshot:
     histograms: Mapping[str, tuple[HistSample, ...]]
     pod_uids: Mapping[tuple[str, str], str] = field(default_factory=lambda: MappingProxyType({}))
     """(namespace, pod) -> pod UID, for exporters that carry the UID (OTLP)."""
+    counters_since: float = 0.0
+    """Unix time at which the cumulative counters of this snapshot started; 0.0 when unknown.
+    Those of the pod families (POD_FAMILIES), which outlive an exporter restart: it moves only
+    when they really restart from zero. Self-metrics count from the process start."""
 
     @staticmethod
     def build(
@@ -354,12 +358,15 @@ class Snapshot:
         samples: Mapping[str, tuple[Sample, ...]],
         histograms: Mapping[str, tuple[HistSample, ...]],
         pod_uids: Mapping[tuple[str, str], str] | None = None,
+        *,
+        counters_since: float = 0.0,
     ) -> Snapshot:
         return Snapshot(
             taken_at,
             MappingProxyType(dict(samples)),
             MappingProxyType(dict(histograms)),
             MappingProxyType(dict(pod_uids or {})),
+            counters_since,
         )
 
 

@@ -397,3 +397,10 @@ def test_snapshot_build_is_read_only() -> None:
         snap.pod_uids[("x", "y")] = "z"  # type: ignore[index]
     assert m.EMPTY_SNAPSHOT.samples == {} and m.EMPTY_SNAPSHOT.histograms == {}
     assert dict(m.EMPTY_SNAPSHOT.pod_uids) == {}
+
+
+def test_snapshot_counters_since() -> None:
+    assert m.EMPTY_SNAPSHOT.counters_since == 0.0  # unknown
+    assert m.Snapshot.build(2.0, {}, {}).counters_since == 0.0
+    snap = m.Snapshot.build(2.0, {}, {}, counters_since=1.5)
+    assert (snap.taken_at, snap.counters_since) == (2.0, 1.5)

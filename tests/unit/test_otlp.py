@@ -88,6 +88,7 @@ def snapshot(
     rtt: tuple[tuple[int, int], ...] = RTT_SLOTS,
     rtt_sum: float = 0.031,
     extra: dict[str, tuple[m.Sample, ...]] | None = None,
+    since: float = 0.0,
 ) -> m.Snapshot:
     samples: dict[str, tuple[m.Sample, ...]] = {
         m.TCP_SENT.name: (m.Sample(DB, 7.0), m.Sample(WEB, sent)),
@@ -104,7 +105,7 @@ def snapshot(
     }
     samples.update(extra or {})
     hists = {m.TCP_RTT.name: (m.HistSample(WEB, rtt, sum(c for _, c in rtt), rtt_sum),)}
-    return m.Snapshot.build(taken_at, samples, hists, UIDS)
+    return m.Snapshot.build(taken_at, samples, hists, UIDS, counters_since=since)
 
 
 class Holder:
@@ -343,6 +344,29 @@ def test_delta_points_add_up_to_the_total(increments: list[int]) -> None:
     assert delivered == total
 
 
+def _starts(families: list[otlp._Family]) -> dict[str, set[int]]:
+    return {fam.spec.name: {p.start_time_unix_nano for p in fam.points} for fam in families}
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_points_start_when_the_pod_counters_started(delta: bool) -> None:
+    # The pod counters outlive the exporter: they started at counters_since, before this process
+    # (start_ns); the self-metrics count from the process start; gauges have no start.
+    since, start_ns = 1_600_000_000.5, 1_700_000_000_000_000_000
+    snap = snapshot(1_700_000_100.0, since=since)
+    starts = _starts(snapshot_metrics(snap, start_ns=start_ns, baseline={} if delta else None))
+    for name in (m.TCP_SENT.name, m.TCP_RECEIVED.name, m.FLOW_BYTES.name, m.TCP_FAILED.name, m.TCP_RTT.name):
+        assert starts[name] == {1_600_000_000_500_000_000}, name
+    assert starts[m.POLLS.name] == starts[m.ERRORS.name] == {start_ns}
+    assert starts[m.TCP_ACTIVE.name] == starts[m.POLL_DURATION.name] == {0}
+    # Unknown (0): the process start, as before.
+    unknown = _starts(snapshot_metrics(snapshot(1_700_000_100.0), start_ns=start_ns))
+    assert unknown[m.TCP_SENT.name] == unknown[m.TCP_RTT.name] == {start_ns}
+    # Never after the point's own time.
+    late = _starts(snapshot_metrics(snapshot(1_700_000_100.0, since=1_800_000_000.0), start_ns=start_ns))
+    assert late[m.TCP_SENT.name] == {1_700_000_100_000_000_000}
+
+
 # ---- pushed to real receivers ------------------------------------------------------------------------
 
 
@@ -484,6 +508,63 @@ def test_delta_temporality(receiver: rx.Receiver, make_pusher: Callable[..., Otl
     assert pusher.export_now()
     restarted = web(receiver.records(), "podnet.tcp.sent")
     assert restarted.value == 40 and restarted.point.start_time_unix_nano == int(t2 * 1e9)
+
+
+def test_cumulative_start_is_counters_since_across_exporter_restarts(
+    receiver: rx.Receiver, make_pusher: Callable[..., OtlpPusher]
+) -> None:
+    since = time.time() - 3600
+    for restart in range(2):  # a second pusher: the exporter restarted, its counters did not
+        snap = snapshot(time.time(), sent=1000.0 + restart, since=since)
+        t0 = time.time_ns()
+        assert make_pusher(lambda snap=snap: snap).export_now()
+        records = receiver.records()
+        assert web(records, "podnet.tcp.sent").value == 1000 + restart
+        assert web(records, "podnet.tcp.sent").point.start_time_unix_nano == int(since * 1e9)
+        assert web(records, "podnet.tcp.rtt").point.start_time_unix_nano == int(since * 1e9)
+        # The process's own counters started with it.
+        assert t0 - 10**9 < only(records, "podnet.exporter.polls").point.start_time_unix_nano <= t0
+        receiver.clear()
+
+
+def test_delta_drops_its_baseline_when_the_counters_restart(
+    receiver: rx.Receiver, make_pusher: Callable[..., OtlpPusher]
+) -> None:
+    t1 = time.time()
+    s1, s2 = t1 - 3600, t1 + 0.5
+    holder = Holder(snapshot(t1, since=s1))
+    pusher = make_pusher(holder.get, temporality="delta")
+    assert pusher.export_now()
+    first = web(receiver.records(), "podnet.tcp.sent")
+    # First seen: everything since the counters started, not since this process did.
+    assert first.value == 1000 and first.point.start_time_unix_nano == int(s1 * 1e9)
+    receiver.clear()
+
+    # The state was discarded at s2 and the counters restarted from zero; by t2 they grew past
+    # their old values, so no decrease gives the reset away: only counters_since does.
+    t2 = t1 + 1
+    grown = ((97, 30), (100, 50), (104, 10))
+    polls: dict[str, tuple[m.Sample, ...]] = {m.POLLS.name: (m.Sample((), 15.0),)}
+    holder.set(snapshot(t2, sent=1500, received=260, rtt=grown, rtt_sum=0.5, extra=polls, since=s2))
+    assert pusher.export_now()
+    records = receiver.records()
+    sent = web(records, "podnet.tcp.sent")
+    assert sent.value == 1500 and sent.point.start_time_unix_nano == int(s2 * 1e9)
+    assert web(records, "podnet.tcp.received").value == 260
+    db_sent = only(records, "podnet.tcp.sent", **{"k8s.statefulset.name": "db"})
+    assert db_sent.value == 7  # unchanged, but restarted: sent whole again
+    rtt = web(records, "podnet.tcp.rtt")
+    assert rtt.point.count == 90 and rtt.point.start_time_unix_nano == int(s2 * 1e9)
+    # The process's own counters did not restart: their baseline stays.
+    polls_point = only(records, "podnet.exporter.polls")
+    assert polls_point.value == 3 and polls_point.point.start_time_unix_nano == int(t1 * 1e9)
+    receiver.clear()
+
+    # Then deltas again, against the new baseline.
+    holder.set(snapshot(t2 + 1, sent=1600, received=260, rtt=grown, rtt_sum=0.5, extra=polls, since=s2))
+    assert pusher.export_now()
+    sent = web(receiver.records(), "podnet.tcp.sent")
+    assert sent.value == 100 and sent.point.start_time_unix_nano == int(t2 * 1e9)
 
 
 def test_delta_after_a_failed_export_covers_the_whole_gap(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -327,3 +328,38 @@ def test_systemd_escaped_container_name_round_trips() -> None:
     r = Exposition(m.BucketLayout(0)).render(snap)
     (s,) = by_name(parse_text(r.text.decode()))[m.TCP_SENT.name].samples
     assert s.labels["container"] == labels[2]
+
+
+# ---- _created ----------------------------------------------------------------------------
+
+
+def test_openmetrics_created_is_when_the_pod_counters_started() -> None:
+    since = 1_699_000_000.25
+    snap = dataclasses.replace(sample_snapshot(), counters_since=since)
+    r = Exposition(m.BucketLayout(0)).render(snap)
+    fams = by_name(parse_openmetrics(r.openmetrics.decode()))  # prometheus_client's parser accepts it
+    for spec in m.ALL_FAMILIES:
+        series = (
+            snap.histograms.get(spec.name, ())
+            if spec.kind is m.Kind.HISTOGRAM
+            else snap.samples.get(spec.name, ())
+        )
+        created = [s for s in fams[spec.name].samples if s.name == spec.name + "_created"]
+        if spec in m.POD_FAMILIES and spec.kind is not m.Kind.GAUGE:
+            assert {tuple(sorted(s.labels.items())) for s in created} == {
+                tuple(sorted(labels_of(spec, x.labels).items())) for x in series
+            }
+            assert all(s.value == since for s in created)
+        else:  # gauges, and the self-metrics: those count from the process start
+            assert not created, spec.name
+    assert len([s for s in fams[m.TCP_SENT.name].samples if s.name.endswith("_created")]) == 2
+    # The text format has no _created, as before.
+    assert b"_created" not in r.text
+    assert {f.name for f in parse_text(r.text.decode())} == {
+        f.name for f in parse_text(Exposition(m.BucketLayout(0)).render(sample_snapshot()).text.decode())
+    }
+
+
+def test_no_created_while_the_start_is_unknown(rendered: Rendered) -> None:
+    assert sample_snapshot().counters_since == 0.0
+    assert b"_created" not in rendered.openmetrics

@@ -50,7 +50,10 @@ def snapshots(draw: st.DrawFn) -> m.Snapshot:
             samples[spec.name] = tuple(
                 m.Sample(ls, float(draw(values))) for ls in draw(st.lists(labels, max_size=4, unique=True))
             )
-    return m.Snapshot.build(1.0, samples, hists)
+    since = draw(
+        st.one_of(st.just(0.0), st.sampled_from([1.0, 1_700_000_000.0, 1_700_000_000.25]), st.floats(0, 4e9))
+    )
+    return m.Snapshot.build(2e9, samples, hists, counters_since=since)
 
 
 @pytest.mark.parametrize("scale", [0, 1, 2])
@@ -73,11 +76,14 @@ def test_every_family_with_data_matches() -> None:
         for s in m.ALL_FAMILIES
         if s.kind is m.Kind.HISTOGRAM
     }
-    snap = m.Snapshot.build(1.0, samples, hists)
     layout = m.BucketLayout(0)
-    text, om = render_fast(snap, layout)
-    assert (text, om) == render_with_client(snap, layout)
-    assert om.endswith(b"# EOF\n")
+    for since in (0.0, 1_700_000_000.5):
+        snap = m.Snapshot.build(1.8e9, samples, hists, counters_since=since)
+        text, om = render_fast(snap, layout)
+        assert (text, om) == render_with_client(snap, layout)
+        assert om.endswith(b"# EOF\n")
+        assert (b"_created" in om) is (since > 0)
+        assert b"_created" not in text
 
 
 def test_equal_values_written_differently() -> None:
@@ -99,3 +105,35 @@ def test_render_uses_the_fast_writer() -> None:
     assert r.openmetrics.startswith(om.removesuffix(b"# EOF\n"))
     assert r.openmetrics[len(om) - len(b"# EOF\n") :].startswith(b"# HELP process_")
     assert b"podnet_exporter_polls_total 7.0\n" in r.text
+
+
+def test_created_lines_in_openmetrics_only() -> None:
+    pod = ("ns", "web-1", "app", "web", "Deployment")
+    samples = {
+        m.TCP_SENT.name: (m.Sample(pod, 42.0),),
+        m.TCP_ACTIVE.name: (m.Sample((*pod, "out"), 3.0),),
+        m.POLLS.name: (m.Sample((), 7.0),),
+    }
+    hists = {m.TCP_CONNECT.name: (m.HistSample(pod, ((HIST_SLOTS - 1, 1),), 1, 40.0),)}
+    layout = m.BucketLayout(0)
+    since = m.Snapshot.build(1_700_000_100.0, samples, hists, counters_since=1_700_000_000.5)
+    unknown = m.Snapshot.build(1_700_000_100.0, samples, hists)
+    text, om = render_fast(since, layout)
+    assert (text, om) == render_with_client(since, layout)
+    # The text format is as it was; OpenMetrics only adds the _created lines.
+    assert text == render_fast(unknown, layout)[0]
+    labels = '{container="app",namespace="ns",pod="web-1",workload="web",workload_kind="Deployment"}'
+    added = [
+        line for line in om.decode().splitlines() if line not in render_fast(unknown, layout)[1].decode()
+    ]
+    assert added == [
+        f"podnet_tcp_sent_bytes_created{labels} 1.7000000005e+09",
+        f"podnet_tcp_connect_duration_seconds_created{labels} 1.7000000005e+09",
+    ]
+    lines = om.decode().splitlines()
+    # Each right after its series: the counter's value, the histogram's _sum.
+    assert lines[lines.index(added[0]) - 1] == f"podnet_tcp_sent_bytes_total{labels} 42.0"
+    assert lines[lines.index(added[1]) - 1] == f"podnet_tcp_connect_duration_seconds_sum{labels} 40.0"
+    # Gauges and the self-metrics (which count from the process start) get none.
+    assert "podnet_exporter_polls_total 7.0" in lines
+    assert not any(line.startswith(("podnet_exporter_polls_created", "podnet_tcp_active")) for line in added)

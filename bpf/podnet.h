@@ -16,6 +16,61 @@
 #define PODNET_MAP_ENTRIES 65536
 #endif
 
+/* ---- pinning -----------------------------------------------------------------------
+ * With -DPODNET_PIN_PREFIX="<bpffs dir>/<program>-<variant>_" every map is pinned there
+ * when the program is first loaded, so the maps (and the attachments the loader pins
+ * next to them) outlive the exporter: a restart reads on from where the counts are. The
+ * loader versions the directory by a digest of the sources and build options, so a
+ * pinned map always has the layout this source declares. Without the macro, maps live
+ * as long as the loader. (BCC opens an existing pin through its map id, which needs
+ * CAP_SYS_ADMIN: so the loader never builds against existing pins, it opens them itself.)
+ */
+#ifdef PODNET_PIN_PREFIX
+#define PODNET_TABLE(type, k, v, name, n, flags) \
+    BPF_TABLE_PINNED(type, k, v, name, n, PODNET_PIN_PREFIX #name, flags)
+#define PODNET_MAP_SECTION(type, name) "maps/" type ":" PODNET_PIN_PREFIX #name
+#else
+#define PODNET_TABLE(type, k, v, name, n, flags) BPF_F_TABLE(type, k, v, name, n, flags)
+#define PODNET_MAP_SECTION(type, name) "maps/" type
+#endif
+
+/* BCC's BPF_SK_STORAGE and BPF_STACK with a pinnable section. */
+#define PODNET_SK_STORAGE(_name, _leaf_type)                                    \
+    struct _name##_table_t {                                                    \
+        int key;                                                                \
+        _leaf_type leaf;                                                        \
+        void *(*sk_storage_get)(void *, void *, int);                           \
+        int (*sk_storage_delete)(void *);                                       \
+        u32 flags;                                                              \
+    };                                                                          \
+    __attribute__((section(PODNET_MAP_SECTION("sk_storage", _name))))          \
+    struct _name##_table_t _name = {.flags = BPF_F_NO_PREALLOC};                \
+    BPF_ANNOTATE_KV_PAIR(_name, int, _leaf_type)
+
+#define PODNET_STACK(_name, _leaf_type, _max_entries)                           \
+    struct _name##_table_t {                                                    \
+        _leaf_type leaf;                                                        \
+        int *(*peek)(_leaf_type *);                                             \
+        int *(*pop)(_leaf_type *);                                              \
+        int *(*push)(_leaf_type *, u64);                                        \
+        u32 max_entries;                                                        \
+        int flags;                                                              \
+    };                                                                          \
+    __attribute__((section(PODNET_MAP_SECTION("stack", _name))))               \
+    struct _name##_table_t _name = {.flags = 0, .max_entries = (_max_entries)}; \
+    BPF_ANNOTATE_KV_PAIR_QUEUESTACK(_name, _leaf_type)
+
+/* ---- generations -------------------------------------------------------------------
+ * Every counter map's key carries the generation it was counted in: podnet_gen[0], which
+ * the poller advances at each poll (one array per program, all set alike). The poller
+ * reads every entry; those of generations at least two behind are final (no program has
+ * looked them up for a whole poll interval), so it adds them to its totals and deletes
+ * them without losing an event, however long the entry's owner (a cgroup, a peer) lives
+ * on. The maps hold only what was counted in the last two intervals.
+ * Each program defines podnet_gen (PODNET_GEN_TABLE) and its own podnet_current_gen():
+ * BCC rewrites map calls in the main source file only. */
+#define PODNET_GEN_TABLE PODNET_TABLE("array", u32, u32, podnet_gen, 1, 0)
+
 #define PODNET_AF_INET 2
 #define PODNET_AF_INET6 10
 #define PODNET_IPPROTO_TCP 6
@@ -133,7 +188,14 @@ static __always_inline void podnet_sk_peer(const void *sk, u8 *addr16)
 struct podnet_hist_key {
     u64 cgroup_id;
     u32 slot;
-    u32 attrs;      /* extra labels of the histogram, e.g. role | protocol << 8; else 0 */
+    u32 gen;        /* podnet_gen when counted */
+};
+
+/* Key of the per-owner counter maps. */
+struct podnet_cgroup_key {
+    u64 cgroup_id;
+    u32 gen;
+    u32 pad;
 };
 
 struct podnet_hist_val {

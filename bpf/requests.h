@@ -34,6 +34,8 @@ struct podnet_request_key {
     u8 method;
     u8 status_class;   /* 1..5 for 1xx..5xx, 0 unknown */
     u32 slot;          /* duration histogram slot (podnet_hist_slot) */
+    u32 gen;           /* podnet_gen when counted */
+    u32 pad;
 };
 
 #define PODNET_PEEK_BYTES 16

@@ -12,10 +12,10 @@ struct tcp_event_counters {
 
 #define PODNET_MAPID_TCP_EVENTS_BY_CGROUP 0
 
-BPF_F_TABLE("percpu_hash", u64, struct tcp_event_counters, tcp_events_by_cgroup, PODNET_MAP_ENTRIES,
-            BPF_F_NO_PREALLOC);
-
-BPF_PERCPU_ARRAY(map_update_failures, u64, PODNET_MAX_MAP_IDS);
+PODNET_TABLE("percpu_hash", struct podnet_cgroup_key, struct tcp_event_counters, tcp_events_by_cgroup,
+             PODNET_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+PODNET_GEN_TABLE;
+PODNET_TABLE("percpu_array", u32, u64, map_update_failures, PODNET_MAX_MAP_IDS, 0);
 
 static __always_inline void podnet_count_failure(u32 id)
 {
@@ -24,22 +24,29 @@ static __always_inline void podnet_count_failure(u32 id)
         (*f)++;
 }
 
+static __always_inline u32 podnet_current_gen(void)
+{
+    u32 zero = 0;
+    u32 *gen = podnet_gen.lookup(&zero);
+    return gen ? *gen : 0;
+}
+
 static __always_inline struct tcp_event_counters *counters_of(const void *sk)
 {
     if (!sk || !podnet_sk_is_full(sk) || !podnet_sk_is_inet_tcp(sk))
         return NULL;
-    u64 cgroup_id = podnet_sk_cgroup_id(sk);
-    if (!cgroup_id)
+    struct podnet_cgroup_key k = {.cgroup_id = podnet_sk_cgroup_id(sk), .gen = podnet_current_gen()};
+    if (!k.cgroup_id)
         return NULL;
-    struct tcp_event_counters *c = tcp_events_by_cgroup.lookup(&cgroup_id);
+    struct tcp_event_counters *c = tcp_events_by_cgroup.lookup(&k);
     if (c)
         return c;
     struct tcp_event_counters zero = {};
-    if (tcp_events_by_cgroup.update(&cgroup_id, &zero)) {
+    if (tcp_events_by_cgroup.update(&k, &zero)) {
         podnet_count_failure(PODNET_MAPID_TCP_EVENTS_BY_CGROUP);
         return NULL;
     }
-    return tcp_events_by_cgroup.lookup(&cgroup_id);
+    return tcp_events_by_cgroup.lookup(&k);
 }
 
 int on_tcp_retransmit_skb(struct bpf_raw_tracepoint_args *ctx)

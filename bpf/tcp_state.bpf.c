@@ -38,13 +38,18 @@ struct tcp_open_sock {
 #define PODNET_MAPID_TCP_SOCKS_OPEN 2
 #define PODNET_MAPID_TCP_CONNECT_HIST 3
 
-BPF_F_TABLE("percpu_hash", u64, struct tcp_conn_counters, tcp_conn_by_cgroup, PODNET_MAP_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, struct tcp_connect_start, tcp_connects_pending, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, struct tcp_open_sock, tcp_socks_open, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, tcp_connect_duration_hist,
-            PODNET_HIST_ENTRIES, BPF_F_NO_PREALLOC);
-
-BPF_PERCPU_ARRAY(map_update_failures, u64, PODNET_MAX_MAP_IDS);
+PODNET_TABLE("percpu_hash", struct podnet_cgroup_key, struct tcp_conn_counters, tcp_conn_by_cgroup,
+             PODNET_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+PODNET_TABLE("hash", u64, struct tcp_connect_start, tcp_connects_pending, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
+PODNET_TABLE("hash", u64, struct tcp_open_sock, tcp_socks_open, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
+/* Connections that were open when podnet started with fresh state, by socket cookie
+ * (written by the exporter from sock_diag, which also gives the sockets their cookies):
+ * their close is counted like any other. */
+PODNET_TABLE("hash", u64, struct tcp_open_sock, tcp_socks_seeded, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
+PODNET_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, tcp_connect_duration_hist,
+             PODNET_HIST_ENTRIES, BPF_F_NO_PREALLOC);
+PODNET_GEN_TABLE;
+PODNET_TABLE("percpu_array", u32, u64, map_update_failures, PODNET_MAX_MAP_IDS, 0);
 
 static __always_inline void podnet_count_failure(u32 id)
 {
@@ -53,22 +58,30 @@ static __always_inline void podnet_count_failure(u32 id)
         (*f)++;
 }
 
+static __always_inline u32 podnet_current_gen(void)
+{
+    u32 zero = 0;
+    u32 *gen = podnet_gen.lookup(&zero);
+    return gen ? *gen : 0;
+}
+
 static __always_inline struct tcp_conn_counters *counters_of(u64 cgroup_id)
 {
-    struct tcp_conn_counters *c = tcp_conn_by_cgroup.lookup(&cgroup_id);
+    struct podnet_cgroup_key k = {.cgroup_id = cgroup_id, .gen = podnet_current_gen()};
+    struct tcp_conn_counters *c = tcp_conn_by_cgroup.lookup(&k);
     if (c)
         return c;
     struct tcp_conn_counters zero = {};
-    if (tcp_conn_by_cgroup.update(&cgroup_id, &zero)) {
+    if (tcp_conn_by_cgroup.update(&k, &zero)) {
         podnet_count_failure(PODNET_MAPID_TCP_CONN_BY_CGROUP);
         return NULL;
     }
-    return tcp_conn_by_cgroup.lookup(&cgroup_id);
+    return tcp_conn_by_cgroup.lookup(&k);
 }
 
 static __always_inline void observe_connect(u64 cgroup_id, u64 ns)
 {
-    struct podnet_hist_key k = {.cgroup_id = cgroup_id, .slot = podnet_hist_slot(ns)};
+    struct podnet_hist_key k = {.cgroup_id = cgroup_id, .slot = podnet_hist_slot(ns), .gen = podnet_current_gen()};
     struct podnet_hist_val *v = tcp_connect_duration_hist.lookup(&k);
     if (v) {
         v->count++;
@@ -112,18 +125,37 @@ static __always_inline void track_open(u64 skaddr, u64 cgroup_id, u32 dir)
     c->active[dir]++;
 }
 
-static __always_inline void track_close(u64 skaddr)
+static __always_inline void count_close(const struct tcp_open_sock *os)
 {
-    struct tcp_open_sock *os = tcp_socks_open.lookup(&skaddr);
-    if (!os)
-        return;
     u32 dir = os->direction ? DIR_INBOUND : DIR_OUTBOUND;
     struct tcp_conn_counters *c = counters_of(os->cgroup_id);
     if (c) {
         c->closed[dir]++;
         c->active[dir]--;
     }
-    tcp_socks_open.delete(&skaddr);
+}
+
+static __always_inline void track_close(const void *sk, u64 skaddr)
+{
+    struct tcp_open_sock *os = tcp_socks_open.lookup(&skaddr);
+    if (os) {
+        count_close(os);
+        tcp_socks_open.delete(&skaddr);
+        return;
+    }
+#ifdef PODNET_OFF_SKC_COOKIE
+    /* Deleted first: of this close and the exporter's check for vanished sockets, the
+     * one whose delete succeeds counts the close. */
+    u64 cookie = podnet_read_u64(sk, PODNET_OFF_SKC_COOKIE);
+    if (!cookie)
+        return;
+    struct tcp_open_sock *seeded = tcp_socks_seeded.lookup(&cookie);
+    if (!seeded)
+        return;
+    struct tcp_open_sock copy = *seeded;
+    if (!tcp_socks_seeded.delete(&cookie))
+        count_close(&copy);
+#endif
 }
 
 int on_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
@@ -174,7 +206,7 @@ int on_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
             tcp_connects_pending.delete(&skaddr);
             return 0;
         }
-        track_close(skaddr);
+        track_close(sk, skaddr);
     }
     return 0;
 }

@@ -41,6 +41,13 @@ struct tcp_bytes {
     u64 received;
 };
 
+/* A flow's key in the counter maps: the flow and the generation it was counted in. */
+struct tcp_flow_gen_key {
+    struct tcp_flow_key flow;
+    u32 gen;
+    u32 pad;
+};
+
 #ifndef PODNET_RTT_SAMPLE_NS
 #define PODNET_RTT_SAMPLE_NS 1000000ULL
 #endif
@@ -70,7 +77,7 @@ struct tcp_sock_info {
 #define PODNET_HOOK(fn) int fn(u64 *ctx)
 #define PODNET_ARG(i) (ctx[i])
 /* Socket-local storage: found from the socket itself, no hashing, no size limit to tune. */
-BPF_SK_STORAGE(tcp_sock_state, struct tcp_sock_info);
+PODNET_SK_STORAGE(tcp_sock_state, struct tcp_sock_info);
 
 /* A live socket's byte counters, mirrored in exporter/kernel/bpf_structs.py (TcpSockSlot). The
  * poller maps this array and reads the slots below the high-water mark in place. `id` is
@@ -83,10 +90,10 @@ struct tcp_sock_slot {
     u64 received;
 };
 #define PODNET_NO_SLOT 0xffffffffU
-BPF_F_TABLE("array", u32, struct tcp_sock_slot, tcp_sock_slots, PODNET_SOCK_SLOTS, BPF_F_MMAPABLE);
+PODNET_TABLE("array", u32, struct tcp_sock_slot, tcp_sock_slots, PODNET_SOCK_SLOTS, BPF_F_MMAPABLE);
 /* Slots given back by dead sockets, taken first (last in, first out, so the slots in use
  * stay below the high-water mark); then never-used slots, counted up in tcp_sock_ids. */
-BPF_STACK(tcp_sock_free_slots, u32, PODNET_SOCK_SLOTS);
+PODNET_STACK(tcp_sock_free_slots, u32, PODNET_SOCK_SLOTS);
 
 /* A dead socket's totals, until the poller takes them (lookup-and-delete): a socket's
  * bytes are in exactly one of its slot and this map, except while a poll reads both; the
@@ -96,36 +103,45 @@ struct tcp_sock_final {
     u64 sent;
     u64 received;
 };
-BPF_F_TABLE("hash", u64, struct tcp_sock_final, tcp_sock_final, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
+PODNET_TABLE("hash", u64, struct tcp_sock_final, tcp_sock_final, PODNET_SOCK_ENTRIES, BPF_F_NO_PREALLOC);
 /* Mirrored in exporter/kernel/bpf_structs.py (TcpSockIds). */
 struct tcp_sock_ids {
     u64 last_id;        /* the last socket id given out */
     u64 slots_taken;    /* slots ever taken from the array: the high-water mark */
 };
-BPF_ARRAY(tcp_sock_ids, struct tcp_sock_ids, 1);
+PODNET_TABLE("array", u32, struct tcp_sock_ids, tcp_sock_ids, 1, 0);
 #else
 #define PODNET_HOOK(fn) int fn(struct bpf_raw_tracepoint_args *ctx)
 #define PODNET_ARG(i) (ctx->args[i])
-BPF_TABLE("lru_hash", u64, struct tcp_sock_info, tcp_sock_identity, PODNET_SOCK_ENTRIES);
+PODNET_TABLE("lru_hash", u64, struct tcp_sock_info, tcp_sock_identity, PODNET_SOCK_ENTRIES, 0);
 #endif
 
-BPF_F_TABLE("percpu_hash", struct podnet_request_key, struct podnet_hist_val, request_hist, PODNET_HIST_ENTRIES,
-            BPF_F_NO_PREALLOC);
+PODNET_TABLE("percpu_hash", struct podnet_request_key, struct podnet_hist_val, request_hist, PODNET_HIST_ENTRIES,
+             BPF_F_NO_PREALLOC);
 /* Per-CPU so the hot path never bounces a cache line between cores; not preallocated so
  * memory follows the number of live flows. */
-BPF_F_TABLE("percpu_hash", struct tcp_flow_key, struct tcp_bytes, tcp_flow_bytes, PODNET_FLOW_ENTRIES,
-            BPF_F_NO_PREALLOC);
+PODNET_TABLE("percpu_hash", struct tcp_flow_gen_key, struct tcp_bytes, tcp_flow_bytes, PODNET_FLOW_ENTRIES,
+             BPF_F_NO_PREALLOC);
 /* Bytes of owners whose flow could not get an entry: the owner's totals stay exact. */
-BPF_F_TABLE("percpu_hash", u64, struct tcp_bytes, tcp_flow_overflow, PODNET_MAP_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, tcp_rtt_hist, PODNET_HIST_ENTRIES,
-            BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(map_update_failures, u64, PODNET_MAX_MAP_IDS);
+PODNET_TABLE("percpu_hash", struct podnet_cgroup_key, struct tcp_bytes, tcp_flow_overflow, PODNET_MAP_ENTRIES,
+             BPF_F_NO_PREALLOC);
+PODNET_TABLE("percpu_hash", struct podnet_hist_key, struct podnet_hist_val, tcp_rtt_hist, PODNET_HIST_ENTRIES,
+             BPF_F_NO_PREALLOC);
+PODNET_GEN_TABLE;
+PODNET_TABLE("percpu_array", u32, u64, map_update_failures, PODNET_MAX_MAP_IDS, 0);
 
 static __always_inline void podnet_count_failure(u32 id)
 {
     u64 *f = map_update_failures.lookup(&id);
     if (f)
         (*f)++;
+}
+
+static __always_inline u32 podnet_current_gen(void)
+{
+    u32 zero = 0;
+    u32 *gen = podnet_gen.lookup(&zero);
+    return gen ? *gen : 0;
 }
 
 static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
@@ -138,7 +154,8 @@ static __always_inline void add_bytes(struct tcp_bytes *v, u64 n, int sent)
 
 static __always_inline void count_flow(const struct tcp_flow_key *id, u64 n, int sent)
 {
-    struct tcp_bytes *v = tcp_flow_bytes.lookup((void *)id);
+    struct tcp_flow_gen_key k = {.flow = *id, .gen = podnet_current_gen()};
+    struct tcp_bytes *v = tcp_flow_bytes.lookup(&k);
     if (v) {
         add_bytes(v, n, sent);
         return;
@@ -147,14 +164,14 @@ static __always_inline void count_flow(const struct tcp_flow_key *id, u64 n, int
     add_bytes(&init, n, sent);
     /* BPF_ANY on a per-CPU map writes only this CPU's slot: a concurrent insert from
      * another CPU cannot overwrite our count. */
-    if (!tcp_flow_bytes.update((void *)id, &init))
+    if (!tcp_flow_bytes.update(&k, &init))
         return;
     podnet_count_failure(PODNET_MAPID_TCP_FLOW_BYTES);
-    u64 cgroup_id = id->cgroup_id;
-    v = tcp_flow_overflow.lookup(&cgroup_id);
+    struct podnet_cgroup_key ck = {.cgroup_id = id->cgroup_id, .gen = k.gen};
+    v = tcp_flow_overflow.lookup(&ck);
     if (v)
         add_bytes(v, n, sent);
-    else if (tcp_flow_overflow.update(&cgroup_id, &init))
+    else if (tcp_flow_overflow.update(&ck, &init))
         podnet_count_failure(PODNET_MAPID_TCP_FLOW_OVERFLOW);
 }
 
@@ -290,7 +307,7 @@ static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, 
     u8 protocol = (info->method || status_class) ? PODNET_PROTO_HTTP : PODNET_PROTO_OTHER;
     struct podnet_request_key k = {.cgroup_id = info->flow.cgroup_id, .role = info->role, .protocol = protocol,
                                    .method = info->method, .status_class = status_class,
-                                   .slot = podnet_hist_slot(ns)};
+                                   .slot = podnet_hist_slot(ns), .gen = podnet_current_gen()};
     struct podnet_hist_val *v = request_hist.lookup(&k);
     if (v) {
         v->count++;
@@ -311,7 +328,8 @@ static __always_inline void observe_rtt(const void *sk, struct tcp_sock_info *in
     if (!srtt8)
         return;
     u64 ns = (u64)srtt8 * 125;
-    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns)};
+    struct podnet_hist_key k = {.cgroup_id = info->flow.cgroup_id, .slot = podnet_hist_slot(ns),
+                                .gen = podnet_current_gen()};
     struct podnet_hist_val *v = tcp_rtt_hist.lookup(&k);
     if (v) {
         v->count++;

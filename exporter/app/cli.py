@@ -1,4 +1,4 @@
-"""Command line entry point: `podnet-exporter run | doctor | bpf-source`.
+"""Command line entry point: `podnet-exporter run | doctor | reset | bpf-source`.
 
 Every anticipated failure ends as one line on stderr and a non-zero exit, never a
 traceback."""
@@ -16,6 +16,7 @@ from exporter.app.service import ServeError, serve
 from exporter.kernel.btf import Btf, BtfError
 from exporter.kernel.headers import PODNET_ENV, find_tree
 from exporter.kernel.offsets import resolve_offsets
+from exporter.kernel.pins import PinError, remove_tree
 from exporter.kernel.programs import (
     BPF_DIR,
     PROGRAMS,
@@ -29,7 +30,7 @@ from exporter.pods.cgroups import CgroupError
 from exporter.pods.pods import PodsFileError
 
 _PROG = "podnet-exporter"
-FATAL = (ConfigError, BtfError, CgroupError, PodsFileError, ProgramLoadError, ServeError)
+FATAL = (ConfigError, BtfError, CgroupError, PodsFileError, ProgramLoadError, ServeError, PinError)
 
 
 def _setup_logging(level: str) -> None:
@@ -74,6 +75,23 @@ def bpf_source(preprocessed: bool) -> int:
     return 0
 
 
+def reset(pin_dir: str, state_dir: str) -> int:
+    """Remove every pinned map and program under `pin_dir` (detaching the programs) and
+    the totals saved in `state_dir`."""
+    removed = []
+    if pin_dir and os.path.isdir(pin_dir):
+        for name in sorted(os.listdir(pin_dir)):
+            remove_tree(os.path.join(pin_dir, name))
+            removed.append(os.path.join(pin_dir, name))
+    if os.path.isdir(state_dir):
+        for name in sorted(os.listdir(state_dir)):
+            if name.startswith(("totals-", ".totals-")):
+                os.unlink(os.path.join(state_dir, name))
+                removed.append(os.path.join(state_dir, name))
+    print(f"removed {len(removed)} pinned build(s) and saved totals" + "".join(f"\n  {r}" for r in removed))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -82,9 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from exporter.app import doctor
 
             config = resolve(ns, os.environ)
-            return doctor.main(config.cgroup_root, kernel_headers=config.kernel_headers)
+            return doctor.main(
+                config.cgroup_root, kernel_headers=config.kernel_headers, pin_dir=config.pin_dir
+            )
         if command == "bpf-source":
             return bpf_source(ns.preprocessed)
+        if command == "reset":
+            config = resolve(ns, os.environ)
+            return reset(config.pin_dir, config.state_dir)
         config = resolve(ns, os.environ)
         _setup_logging(config.log_level)
         asyncio.run(serve(config))

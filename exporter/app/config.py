@@ -105,6 +105,12 @@ class Config:
     """The kernel headers tree BCC compiles against; None means the first usable of
     $BCC_KERNEL_SOURCE, podnet's own tree and /lib/modules/<release>/build
     (exporter.kernel.headers.find_tree)."""
+    pin_dir: str = "/sys/fs/bpf/podnet"
+    """bpffs directory of the pinned maps and programs; "" when pinning is off."""
+    state_dir: str = "/run/podnet"
+    """Directory of the totals saved after each poll."""
+    fresh: bool = False
+    """Discard a previous run's pinned state and saved totals at start-up."""
 
 
 # --- where a value came from ----------------------------------------------------------------------------

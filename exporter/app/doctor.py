@@ -13,6 +13,7 @@ from exporter.kernel.btf import Btf, BtfError
 from exporter.kernel.headers import find_tree
 from exporter.kernel.kernel_probe import preferred_build_refused, probe_preferred_build
 from exporter.kernel.offsets import resolve_offsets
+from exporter.kernel.pins import DEFAULT_ROOT, is_bpffs
 from exporter.kernel.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
 from exporter.pods.cgroups import CgroupError, find_cgroup2_mount
 
@@ -172,6 +173,40 @@ def check_mount(name: str, path: str, fstype: str) -> Check:
     )
 
 
+def check_pins(pin_dir: str) -> Check:
+    """Counters survive restarts only with a bpffs to pin into; `run` refuses to start
+    without one unless told --pin-dir none."""
+    if not pin_dir:
+        return Check(
+            "pinned state",
+            False,
+            "--pin-dir none: counters restart from zero whenever the exporter does",
+            "pass --pin-dir on a bpf filesystem to keep them",
+            required=False,
+        )
+    parent = pin_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "/"
+    if not is_bpffs(parent):
+        return Check(
+            "pinned state",
+            False,
+            f"{parent} is not a bpf filesystem",
+            "mount -t bpf bpf /sys/fs/bpf, or --pin-dir none (counters then restart with the exporter)",
+        )
+    builds = sorted(os.listdir(pin_dir)) if os.path.isdir(pin_dir) else []
+    links = sum(1 for b in builds for n in _listdir(os.path.join(pin_dir, b)) if "_link_" in n)
+    left = f"{len(builds)} build(s) pinned, {links} hook(s) attached" if builds else "nothing pinned yet"
+    return Check("pinned state", True, f"{pin_dir} on bpffs; {left}")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def check_load(btf: Btf, kernel_headers: str | None = None) -> Check:
     try:
         progs = load_programs(btf, resolve_offsets(btf), MapSizes(1024), kernel_headers=kernel_headers)
@@ -197,7 +232,9 @@ def check_load(btf: Btf, kernel_headers: str | None = None) -> Check:
     )
 
 
-def run_checks(cgroup_root: str | None, kernel_headers: str | None = None) -> list[Check]:
+def run_checks(
+    cgroup_root: str | None, kernel_headers: str | None = None, pin_dir: str = DEFAULT_ROOT
+) -> list[Check]:
     checks = [check_privileges(), check_bpf_syscall()]
     btf_check, btf = check_btf()
     checks.append(btf_check)
@@ -208,7 +245,7 @@ def run_checks(cgroup_root: str | None, kernel_headers: str | None = None) -> li
         check_bcc(),
         check_headers(kernel_headers),
         check_mount("tracefs", "/sys/kernel/tracing", "tracefs"),
-        check_mount("bpffs", "/sys/fs/bpf", "bpf"),
+        check_pins(pin_dir),
     ]
     if btf is not None and all(c.ok for c in checks if c.required):
         checks.append(check_load(btf, kernel_headers))
@@ -216,9 +253,12 @@ def run_checks(cgroup_root: str | None, kernel_headers: str | None = None) -> li
 
 
 def main(
-    cgroup_root: str | None, out: Callable[[str], None] = print, kernel_headers: str | None = None
+    cgroup_root: str | None,
+    out: Callable[[str], None] = print,
+    kernel_headers: str | None = None,
+    pin_dir: str = DEFAULT_ROOT,
 ) -> int:
-    checks = run_checks(cgroup_root, kernel_headers)
+    checks = run_checks(cgroup_root, kernel_headers, pin_dir)
     for c in checks:
         mark = "ok" if c.ok else ("FAIL" if c.required else "warn")
         line = f"[{mark:>4}] {c.name}: {c.detail}"

@@ -16,19 +16,21 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter import __version__
+from exporter.app.checkpoint import Checkpoint, SavedState
 from exporter.export.http_app import SnapshotStore
 from exporter.export.prometheus import Exposition, Rendered
 from exporter.kernel.bpfstats import prog_run_stats, stats_enabled
 from exporter.kernel.maps import MapReader
 from exporter.kernel.programs import LoadedPrograms
+from exporter.metrics.ledger import Ledger
 from exporter.metrics.lifecycle import Retired, drop_from_raw
 from exporter.metrics.model import EMPTY_SNAPSHOT, Snapshot
 from exporter.metrics.peers import PeerResolver
-from exporter.metrics.raw import RawData
+from exporter.metrics.raw import KernelRead, RawData
 from exporter.metrics.snapshot import ExporterState, build_snapshot
 from exporter.pods.identity import Identity, IdentityResolver
 from exporter.pods.kube import KubeWatcher
@@ -110,6 +112,11 @@ class PollerParts:
     """Per family (Config.max_series); None: no cap."""
     kube: KubeWatcher | None = None
     """The Kubernetes API source; its task is run by service.serve, not by the poller."""
+    checkpoint: Checkpoint | None = None
+    """Where the totals are saved after each poll (with pinned maps); None: not saved."""
+    saved: SavedState | None = None
+    """The totals a previous exporter saved for the pinned maps in use, if any."""
+    counters_since: float = field(default_factory=time.time)
 
 
 class FileSourceHealth:
@@ -149,7 +156,17 @@ class Poller:
         # The last snapshot built: which series are exported (they keep priority under the
         # series cap) and the running drop totals.
         self._previous: Snapshot = EMPTY_SNAPSHOT
-        self.retired = Retired(max_identities=parts.resolver.max_entries)
+        saved = parts.saved
+        self.ledger = saved.ledger if saved is not None else Ledger()
+        self.retired = (
+            saved.retired if saved is not None else Retired(max_identities=parts.resolver.max_entries)
+        )
+        self.counters_since = saved.counters_since if saved is not None else parts.counters_since
+        pins = parts.programs.pins
+        self._gen_maps = pins.generation_map_ids() if pins is not None else ()
+        self._dying: dict[int, Identity] = {}
+        """Dead cgroups whose last counts are still in the kernel: their identity, kept
+        until those counts are final and the cgroup is retired."""
         self.otlp_stats: Callable[[], tuple[int, int, float] | None] = lambda: None
         self.file_health = FileSourceHealth() if parts.pods_file is not None else None
         self._build = (
@@ -175,19 +192,27 @@ class Poller:
             )
 
     def _retire_dead(
-        self, raw: RawData, ids: set[int], identities: dict[int, Identity]
+        self, raw: RawData, read: KernelRead, ids: set[int], identities: dict[int, Identity]
     ) -> dict[int, Identity]:
-        """Free dead cgroups' map entries, keep their values while their pod lives, and
-        merge what is kept into this poll's data."""
+        """Move dead cgroups' totals out of the ledger once the kernel holds nothing of
+        them, keep them while their pod lives, and merge what is kept into this poll's
+        data."""
         p = self.parts
         dead = p.resolver.dead(ids)
+        unnamed = [cg for cg in dead if cg not in identities and cg not in self._dying]
         for cg in dead:
-            ident = identities.get(cg)
-            if ident is not None:
-                self.retired.absorb(raw, cg, ident)
-        if dead:
-            p.reader.delete_cgroups(raw, dead)
-            drop_from_raw(raw, dead)
+            if cg in identities:
+                self._dying[cg] = identities[cg]
+        still_counting = read.live.owners()
+        gone = [cg for cg in self._dying if cg not in still_counting]
+        for cg in gone:
+            self.retired.absorb(raw, cg, self._dying.pop(cg))
+        for cg, ident in self._dying.items():
+            identities.setdefault(cg, ident)
+        gone += [cg for cg in unnamed if cg not in still_counting]
+        if gone:
+            self.ledger.forget(gone)
+            drop_from_raw(raw, gone)
         live = {identities[cg] for cg in raw.cgroups if cg in identities}
         live |= {identities[cg] for cg, _ in raw.flows if cg in identities}
 
@@ -218,14 +243,16 @@ class Poller:
             p.peers.refresh_node_addresses(time.monotonic())
         except Exception as e:
             self._error("node_addresses", e)
-        raw = p.reader.read()
+        read = p.reader.read(self.ledger.committed_through, self.ledger.committed_sockets)
+        raw = self.ledger.apply(read, p.peers.classify)
         ids = set(raw.cgroups) | {cg for cg, _ in raw.flows} | set(raw.rtt) | set(raw.connect)
         ids |= set(raw.requests)
         identities = p.resolver.resolve(ids)
         try:
-            identities = self._retire_dead(raw, ids, identities)
+            identities = self._retire_dead(raw, read, ids, identities)
         except Exception as e:
             self._error("cgroup_gc", e)
+        self._save_then_delete()
         bpf_stats: dict[str, tuple[int, int]] = {}
         if stats_enabled():
             for tp, fd in p.programs.program_fds().items():
@@ -249,17 +276,33 @@ class Poller:
         snap = build_snapshot(
             raw,
             identities,
-            p.peers.classify,
             state,
             time.time(),
             pods=p.store.pods(),
             max_series=p.max_series,
             previous=self._previous,
+            counters_since=self.counters_since,
         )
         self._previous = snap
         rendered = p.exposition.render(snap)
         release_memory()
         return rendered
+
+    def _save_then_delete(self) -> None:
+        """Save the totals, then delete the kernel entries they now hold. If the save
+        fails the entries stay (the ledger knows it counted them) until one works."""
+        p = self.parts
+        if p.checkpoint is not None:
+            state = SavedState(self.ledger, self.retired, self.counters_since)
+            if not self._gen_maps or not p.checkpoint.save(state, self._gen_maps):
+                self.errors["checkpoint"] += 1
+                return
+        try:
+            p.reader.delete_final()
+        except Exception as e:
+            self._error("map_delete", e)
+            return
+        self.ledger.committed_sockets = frozenset()
 
     def _metadata_states(self) -> tuple[MetadataSourceState, ...]:
         states = []

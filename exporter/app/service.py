@@ -6,19 +6,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from exporter.app.checkpoint import Checkpoint, SavedState
 from exporter.app.config import Config
 from exporter.app.poller import Poller, PollerParts, settle_heap
 from exporter.export.http_app import SNAPSHOTS, SnapshotStore, add_routes
 from exporter.export.prometheus import Exposition
 from exporter.kernel.btf import Btf
 from exporter.kernel.maps import MapReader
-from exporter.kernel.offsets import resolve_offsets
-from exporter.kernel.programs import MapSizes, load_programs
+from exporter.kernel.offsets import Offsets, resolve_offsets
+from exporter.kernel.pins import Pins
+from exporter.kernel.programs import MapSizes, load_programs, state_digest
+from exporter.kernel.seeding import ConnectionSeed
+from exporter.metrics.ledger import Ledger
+from exporter.metrics.lifecycle import Retired
 from exporter.metrics.model import BucketLayout
 from exporter.metrics.peers import PeerResolver
 from exporter.pods.cgroups import CgroupIndex, find_cgroup2_mount
@@ -51,13 +57,29 @@ def build_parts(config: Config) -> PollerParts:
     index.rescan()
     btf = Btf.load()
     offsets = resolve_offsets(btf)
+    sizes = MapSizes(config.map_entries)
+    pins, checkpoint, saved = open_state(config, offsets, sizes)
+    seed = ConnectionSeed()
     programs = load_programs(
         btf,
         offsets,
-        MapSizes(config.map_entries),
+        sizes,
         requests=config.requests,
         kernel_headers=config.kernel_headers,
+        pins=pins,
+        before_attach=seed.before_attach,
     )
+    if saved is None:
+        saved = SavedState(Ledger(), Retired(max_identities=config.map_entries), time.time())
+    if seed.ran:
+        # tcp_state starts with no connection tracked: the ones that exist are counted anew.
+        saved.ledger.seed_active(seed.settle())
+    if programs.adopted:
+        log.info(
+            "continuing the counts of the programs left attached in %s: %s",
+            pins.dir if pins is not None else "",
+            ", ".join(sorted(programs.adopted)),
+        )
     attached = sum(h.attached for h in programs.hooks)
     log.info(
         "attached %d of %d eBPF programs (%s); cgroup v2 at %s; %d pods known",
@@ -69,7 +91,7 @@ def build_parts(config: Config) -> PollerParts:
     )
     return PollerParts(
         programs=programs,
-        reader=MapReader(programs, max_flows=MapSizes(config.map_entries).flows),
+        reader=MapReader(programs),
         resolver=IdentityResolver(index, store, max_entries=config.map_entries),
         peers=PeerResolver(store),
         store=store,
@@ -77,7 +99,43 @@ def build_parts(config: Config) -> PollerParts:
         exposition=Exposition(BucketLayout(scale=config.histogram_scale)),
         max_series=config.max_series,
         kube=kube,
+        checkpoint=checkpoint if pins is not None else None,
+        saved=saved,
     )
+
+
+def open_state(
+    config: Config, offsets: Offsets, sizes: MapSizes
+) -> tuple[Pins | None, Checkpoint | None, SavedState | None]:
+    """The pinned state to continue from, if any. Raises PinError (one line) when pins
+    are asked for and bpffs is not there."""
+    if not config.pin_dir:
+        log.warning("--pin-dir none: counters restart from zero whenever the exporter does")
+        return None, None, None
+    digest = state_digest(offsets, sizes, config.requests)
+    pins = Pins(config.pin_dir, digest)
+    checkpoint = Checkpoint(config.state_dir, digest)
+    pins.prepare()
+    for old in pins.discard_others():
+        log.warning(
+            "removed the pins of another podnet build at %s: its programs are detached, its counts end", old
+        )
+    if config.fresh and pins.discard():
+        log.warning("--fresh: discarded the pinned maps and programs in %s", pins.dir)
+    saved = None
+    if pins.has_links() and not config.fresh:
+        saved = checkpoint.load(pins.generation_map_ids(), config.map_entries)
+        if saved is None:
+            log.warning(
+                "discarded the pinned maps and programs in %s: without their saved totals they cannot go on",
+                pins.dir,
+            )
+    if saved is None:
+        # Nothing to continue: no half-made pins may be reused either.
+        pins.discard()
+        checkpoint.remove()
+        pins.prepare()
+    return pins, checkpoint, saved
 
 
 async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -113,9 +171,18 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if pusher is not None:
             await asyncio.to_thread(pusher.shutdown)
-        # Detach before exit so no program outlives the exporter.
-        parts.programs.close()
-        log.info("eBPF programs detached")
+        pins = parts.programs.pins
+        # With pins the programs keep counting for the next start (an upgrade, a restart):
+        # nothing counted in between is lost. Without, detach: nothing outlives the exporter.
+        parts.programs.close(detach=pins is None)
+        if pins is None:
+            log.info("eBPF programs detached")
+        else:
+            log.info(
+                "eBPF programs stay attached, pinned in %s, so the next start continues their counts; "
+                "'podnet-exporter reset' detaches them",
+                pins.dir,
+            )
 
 
 def make_app(config: Config) -> web.Application:

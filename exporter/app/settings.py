@@ -28,6 +28,7 @@ from exporter.app.values import (
     _headers,
     _integer,
     _listen,
+    _pin_dir,
     _positive,
     _request_mode,
     _text,
@@ -103,6 +104,17 @@ SETTINGS: Final[tuple[Setting, ...]] = (
        "request tracking: `http` (counted, HTTP/1.x method and status recognised), `turns` (counted as "
        '`protocol="other"`, payloads never read), `off` (no request metrics: the cheapest data path); see '
        "Requests below", _request_mode, "http"),
+    _S("pin_dir", "DIR|none", "bpffs directory where maps and programs are pinned, so that counts survive "
+       "exporter restarts; none: they end with the process (default /sys/fs/bpf/podnet)",
+       "`/sys/fs/bpf/podnet`", "bpffs directory where maps and programs stay pinned between runs, so "
+       "counters continue across restarts (see Restarts below); `none`: they end with the process",
+       _pin_dir, "/sys/fs/bpf/podnet", doctor=True),
+    _S("state_dir", "DIR", "where the totals are saved after each poll (default /run/podnet)",
+       "`/run/podnet`", "directory for the totals saved after each poll (with pinned maps)",
+       _directory("/run/podnet"), "/run/podnet"),
+    _S("fresh", "", "discard the pinned maps and saved totals of a previous run; counters start from zero",
+       "false", "start from zero: discard what a previous run left pinned and saved", _boolean, False,
+       in_file=False),
     _S("cluster_name", "NAME", "cluster name to attach to metrics (default: none)", "none",
        "cluster name for OTLP resources",
        _text("a cluster name", str.isprintable, "must not contain control characters or line breaks"), ""),
@@ -192,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 help_text = f"{setting.help} [env {setting.env}=true]"
                 command.add_argument(setting.flag, action="store_true", default=None, help=help_text)
+    reset = commands.add_parser(
+        "reset",
+        help="detach programs left pinned by a previous run and delete its saved totals",
+        description="Remove podnet's pinned maps and programs (which detaches them) and its saved totals. "
+        "Run it after uninstalling, or to start counting from zero.",
+        allow_abbrev=False,
+    )
+    for setting in SETTINGS:
+        if setting.key in ("pin_dir", "state_dir", "config"):
+            reset.add_argument(
+                setting.flag,
+                metavar=setting.metavar,
+                default=None,
+                help=f"{setting.help} [env {setting.env}]".replace("%", "%%"),
+            )
     bpf_source = commands.add_parser(
         "bpf-source",
         help="print the eBPF C source and resolved offsets",

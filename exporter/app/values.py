@@ -348,3 +348,13 @@ def _directory(example: str) -> Callable[[_Given], str]:
     # explain a missing cgroup2 mount or headers tree better.
     problem = f"must be a directory path, e.g. {example}"
     return _text("a directory path", lambda path: bool(path.strip()), problem)
+
+
+def _pin_dir(given: _Given) -> str:
+    """A bpffs directory for pinned maps, or "" for "none" (pinning off)."""
+    text = _string(given, "a directory path or none").strip()
+    if text.lower() in ("none", "off", ""):
+        return ""
+    if not text.startswith("/"):
+        raise given.error("must be an absolute path under a bpf filesystem, e.g. /sys/fs/bpf/podnet, or none")
+    return text.rstrip("/") or "/"

@@ -34,7 +34,17 @@ class TcpEventCounters(ct.Structure):
 
 
 class HistKey(ct.Structure):
-    _fields_ = [("cgroup_id", ct.c_uint64), ("slot", ct.c_uint32), ("attrs", ct.c_uint32)]
+    _fields_ = [("cgroup_id", ct.c_uint64), ("slot", ct.c_uint32), ("gen", ct.c_uint32)]
+
+
+class CgroupGenKey(ct.Structure):
+    """Key of the per-owner counter maps (podnet_cgroup_key)."""
+
+    _fields_ = [("cgroup_id", ct.c_uint64), ("gen", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class TcpFlowGenKey(ct.Structure):
+    _fields_ = [("flow", TcpFlowKey), ("gen", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class RequestKey(ct.Structure):
@@ -45,6 +55,8 @@ class RequestKey(ct.Structure):
         ("method", ct.c_uint8),
         ("status_class", ct.c_uint8),
         ("slot", ct.c_uint32),
+        ("gen", ct.c_uint32),
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -105,13 +117,15 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "tcp_sock_slots": (ct.c_uint32, TcpSockSlot),
     "tcp_sock_ids": (ct.c_uint32, TcpSockIds),
     "request_hist": (RequestKey, HistVal),
-    "tcp_flow_bytes": (TcpFlowKey, TcpBytes),
-    "tcp_flow_overflow": (CgroupKey, TcpBytes),
-    "tcp_conn_by_cgroup": (CgroupKey, TcpConnCounters),
+    "tcp_flow_bytes": (TcpFlowGenKey, TcpBytes),
+    "tcp_flow_overflow": (CgroupGenKey, TcpBytes),
+    "tcp_conn_by_cgroup": (CgroupGenKey, TcpConnCounters),
     "tcp_connects_pending": (SockKey, ConnectStart),
     "tcp_socks_open": (SockKey, OpenSock),
+    "tcp_socks_seeded": (ct.c_uint64, OpenSock),
     "tcp_connect_duration_hist": (HistKey, HistVal),
-    "tcp_events_by_cgroup": (CgroupKey, TcpEventCounters),
+    "tcp_events_by_cgroup": (CgroupGenKey, TcpEventCounters),
+    "podnet_gen": (ct.c_uint32, ct.c_uint32),
     "tcp_rtt_hist": (HistKey, HistVal),
     "map_update_failures": (ct.c_uint32, FailureCount),
 }

@@ -206,3 +206,65 @@ def map_array(map_fd: int, value_type: type[Any], entries: int) -> MappedArray:
         err = ctypes.get_errno()
         raise BpfSyscallError(f"mapping the array map into memory failed: {os.strerror(err)}")
     return MappedArray(addr, length, (value_type * entries).from_address(addr))
+
+
+# ---- pinning (bpffs) ------------------------------------------------------------------
+
+_BPF_OBJ_PIN = 6
+_BPF_OBJ_GET = 7
+_BPF_PROG_GET_FD_BY_ID = 13
+_BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("_tail", ctypes.c_uint8 * 16),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+        ("_tail", ctypes.c_uint8 * 20),
+    ]
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """BPF_OBJ_PIN: the object (map, program, link) lives on at `path` in bpffs."""
+    name = ctypes.create_string_buffer(path.encode())
+    bpf(_BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(name), bpf_fd=fd))
+
+
+def obj_get(path: str) -> int:
+    """BPF_OBJ_GET: a new fd for the object pinned at `path` (the caller closes it)."""
+    name = ctypes.create_string_buffer(path.encode())
+    return bpf(_BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(name)))
+
+
+def _info(fd: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    bpf(_BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=size, info=ctypes.addressof(buf)))
+    return buf.raw
+
+
+def map_id(fd: int) -> int:
+    """The kernel's id of a map (struct bpf_map_info: type, id, ...): unique until reboot."""
+    return int.from_bytes(_info(fd, 80)[4:8], "little")
+
+
+def link_prog_id(fd: int) -> int:
+    """The id of the program a link runs (struct bpf_link_info: type, id, prog_id, ...)."""
+    return int.from_bytes(_info(fd, 64)[8:12], "little")
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return bpf(_BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))

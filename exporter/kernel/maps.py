@@ -9,24 +9,51 @@ import ctypes as ct
 import errno
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
 from exporter.kernel import bpf_structs as bs
 from exporter.kernel.programs import LoadedPrograms
-from exporter.kernel.sockbytes import SocketBytes, SocketTotals, read_slots
-from exporter.metrics.raw import UNTRACKED_PEER, RawData, Slots
+from exporter.kernel.sockbytes import SocketTotals, read_slots, socket_counts
+from exporter.metrics.raw import UNTRACKED_PEER, KernelRead, Slots
 
 log = logging.getLogger(__name__)
 
 
 class MapReader:
-    """Knows which map feeds which field; remembers whether batch lookups work."""
+    """Knows which map feeds which field; remembers whether batch operations work.
 
-    def __init__(self, programs: LoadedPrograms, max_flows: int = 1 << 18) -> None:
+    Each poll advances the generation (podnet_gen, bpf/podnet.h), reads every counter
+    map and splits its entries: those of generations at least two behind are final,
+    the rest still counting. The final entries and the dead sockets' totals are deleted
+    by delete_final(), which the poller calls once it has added them to its totals and
+    saved those: a restart in between finds them again and skips what was saved."""
+
+    def __init__(self, programs: LoadedPrograms) -> None:
         self._programs = programs
         self._batch_ok: dict[str, bool] = {}
-        self._sockets = SocketBytes(max_flows)
+        self._delete: list[tuple[str, Any, Any, int]] = []
+        """(map name, table, keys array, count) to delete once the poll's totals are saved."""
+        self.generation = self._kernel_generation()
+
+    def _kernel_generation(self) -> int:
+        """The generation the programs count in now: pinned maps carry it over a restart."""
+        gens = [0]
+        for program in self._programs.objects:
+            table = self._programs.table(program, "podnet_gen")
+            if table is not None:
+                gens.append(int(table[ct.c_uint32(0)].value))
+        return max(gens)
+
+    def advance(self) -> int:
+        """Start a new generation; returns it. Every program's podnet_gen is set alike."""
+        self.generation += 1
+        for program in self._programs.objects:
+            table = self._programs.table(program, "podnet_gen")
+            if table is not None:
+                table[ct.c_uint32(0)] = ct.c_uint32(self.generation & _U32)
+        return self.generation
 
     def _chunks(self, name: str, table: Any) -> list[tuple[Any, Any, int]] | None:
         """The whole map as BPF_MAP_LOOKUP_BATCH chunks (one syscall per ~1 MiB instead of
@@ -45,23 +72,116 @@ class MapReader:
         self._batch_ok[name] = True
         return chunks
 
-    def _summed(self, program: str, name: str) -> Iterator[tuple[Any, tuple[int, ...]]]:
-        """(key, value words summed over CPUs) of every entry of a per-CPU map; the words
-        in the value struct's memory order (arrays flattened)."""
+    def _entries(
+        self, program: str, name: str, committed_through: int, read: KernelRead
+    ) -> Iterator[tuple[tuple[Any, ...], tuple[int, ...], bool]]:
+        """(key fields, value words summed over CPUs, final) of every entry of a per-CPU
+        counter map whose key has a `gen`: the key's fields flattened in memory order
+        (key_format), the value's words likewise (arrays flattened). Entries of
+        generations up to `committed_through` were counted before a restart: they are only
+        deleted. Final ones are queued for delete_final()."""
         table = self._programs.table(program, name)
         if table is None:
             return
+        read.map_entries[name] = 0
         ncpu, signed = table.total_cpu, _words(table.sLeaf)
         chunks = self._chunks(name, table)
-        if chunks is not None:
-            for keys, values, n in chunks:
-                yield from zip(keys[:n], _cpu_sums(values, n, ncpu, signed), strict=True)
-            return
-        items = list(table.items())
-        if items:
+        if chunks is None:
+            items = list(table.items())
+            if not items:
+                return
+            keys = (table.Key * len(items))(*(k for k, _ in items))
             values = (table.Leaf * len(items))(*(v for _, v in items))
-            sums = _cpu_sums(values, len(items), ncpu, signed)
-            yield from zip((k for k, _ in items), sums, strict=True)
+            chunks = [(keys, values, len(items))]
+        fmt, gen_at = key_format(table.Key)
+        size = ct.sizeof(table.Key)
+        now = read.generation
+        for keys, values, n in chunks:
+            raw = memoryview(keys).cast("B")[: n * size]
+            gone = []
+            for i, (key, words) in enumerate(
+                zip(struct.iter_unpack(fmt, raw), _cpu_sums(values, n, ncpu, signed), strict=True)
+            ):
+                # The kernel's generation is a u32: an entry's age is taken modulo 2^32.
+                age = (now - key[gen_at]) & _U32
+                if age < 2:
+                    yield key, words, False
+                    continue
+                gone.append(raw[i * size : (i + 1) * size])
+                if now - age > committed_through:
+                    yield key, words, True
+            read.map_entries[name] += n
+            if gone:
+                batch = (table.Key * len(gone)).from_buffer_copy(b"".join(gone))
+                self._delete.append((name, table, batch, len(gone)))
+
+    def read(
+        self, committed_through: int = -1, committed_sockets: frozenset[int] = frozenset()
+    ) -> KernelRead:
+        """Advance the generation and read everything. `committed_through` and
+        `committed_sockets` say what the saved totals already hold (after a restart)."""
+        read = KernelRead(generation=self.advance())
+        p = self._programs
+        if p.attached("tcp_traffic"):
+            for k, (sent, received), final in self._entries(
+                "tcp_traffic", "tcp_flow_bytes", committed_through, read
+            ):
+                part = read.final if final else read.live
+                flow = (k[0], k[1], k[2])  # key: cgroup id, peer, gen, pad
+                s0, r0 = part.flows.get(flow, (0, 0))
+                part.flows[flow] = (s0 + sent, r0 + received)
+            for k, (sent, received), final in self._entries(
+                "tcp_traffic", "tcp_flow_overflow", committed_through, read
+            ):
+                part = read.final if final else read.live
+                flow = (k[0], UNTRACKED_PEER, k[1])  # key: cgroup id, gen, pad
+                s0, r0 = part.flows.get(flow, (0, 0))
+                part.flows[flow] = (s0 + sent, r0 + received)
+            self._read_sockets(read, committed_sockets)
+            for k, (count, total), final in self._entries(
+                "tcp_traffic", "tcp_rtt_hist", committed_through, read
+            ):
+                _add_slot(
+                    (read.final if final else read.live).rtt[k[0]], k[1], count, total
+                )  # cgroup id, slot, gen
+            for k, (count, total), final in self._entries(
+                "tcp_traffic", "request_hist", committed_through, read
+            ):
+                # Key: cgroup id, role, protocol, method, status class, slot, gen, pad.
+                part = read.final if final else read.live
+                _add_slot(part.requests[k[0]].setdefault(k[1:5], {}), k[5], count, total)
+        if p.attached("tcp_state"):
+            for k, w, final in self._entries("tcp_state", "tcp_conn_by_cgroup", committed_through, read):
+                # Words: opened[2], closed[2], active[2], failed[4].
+                c = (read.final if final else read.live).cgroups[k[0]]
+                for i in range(2):
+                    c.opened[i] += w[i]
+                    c.closed[i] += w[2 + i]
+                    c.active[i] += w[4 + i]
+                for i in range(4):
+                    c.failed[i] += w[6 + i]
+            for k, (count, total), final in self._entries(
+                "tcp_state", "tcp_connect_duration_hist", committed_through, read
+            ):
+                _add_slot((read.final if final else read.live).connect[k[0]], k[1], count, total)
+            for name in ("tcp_connects_pending", "tcp_socks_open", "tcp_socks_seeded"):
+                read.map_entries[name] = self._count("tcp_state", name)
+        if p.attached("tcp_events"):
+            for k, (retransmits, resets_sent, resets_received), final in self._entries(
+                "tcp_events", "tcp_events_by_cgroup", committed_through, read
+            ):
+                c = (read.final if final else read.live).cgroups[k[0]]
+                c.retransmits += retransmits
+                c.resets_sent += resets_sent
+                c.resets_received += resets_received
+        for program, map_names in bs.MAP_IDS.items():
+            table = p.table(program, "map_update_failures")
+            if table is None:
+                continue
+            for idx, per_cpu in table.items():
+                if _int(idx) < len(map_names):
+                    read.map_failures[map_names[_int(idx)]] = sum(int(v) for v in per_cpu)
+        return read
 
     def _count(self, program: str, name: str) -> int:
         """Entries in a map, without decoding them."""
@@ -73,81 +193,10 @@ class MapReader:
             return sum(n for _, _, n in chunks)
         return sum(1 for _ in table)
 
-    def read(self) -> RawData:
-        raw = RawData()
-        p = self._programs
-        if p.attached("tcp_traffic"):
-            # A pod's byte totals are the sum of its flows (the kernel counts each event once).
-            for k, (sent, received) in self._summed("tcp_traffic", "tcp_flow_bytes"):
-                raw.flows[(k.cgroup_id, bytes(k.peer))] = (sent, received)
-                c = raw.cgroups[k.cgroup_id]
-                c.sent += sent
-                c.received += received
-            raw.map_entries["tcp_flow_bytes"] = len(raw.flows)
-            n = 0
-            for k, (sent, received) in self._summed("tcp_traffic", "tcp_flow_overflow"):
-                raw.flows[(_int(k), UNTRACKED_PEER)] = (sent, received)
-                c = raw.cgroups[_int(k)]
-                c.sent += sent
-                c.received += received
-                n += 1
-            raw.map_entries["tcp_flow_overflow"] = n
-            self._read_sockets(raw)
-            raw.map_entries["tcp_rtt_hist"] = _read_hist(self._summed("tcp_traffic", "tcp_rtt_hist"), raw.rtt)
-            n = 0
-            for k, (count, total) in self._summed("tcp_traffic", "request_hist"):
-                if count:
-                    labels = (k.role, k.protocol, k.method, k.status_class)
-                    slots = raw.requests[k.cgroup_id].setdefault(labels, {})
-                    slots[k.slot] = (count, total)
-                n += 1
-            raw.map_entries["request_hist"] = n
-        if p.attached("tcp_state"):
-            n = 0
-            for k, w in self._summed("tcp_state", "tcp_conn_by_cgroup"):
-                # Words: opened[2], closed[2], active[2], failed[4].
-                c = raw.cgroups[_int(k)]
-                for i in range(2):
-                    c.opened[i] += w[i]
-                    c.closed[i] += w[2 + i]
-                    c.active[i] += w[4 + i]
-                for i in range(4):
-                    c.failed[i] += w[6 + i]
-                n += 1
-            raw.map_entries["tcp_conn_by_cgroup"] = n
-            raw.map_entries["tcp_connect_duration_hist"] = _read_hist(
-                self._summed("tcp_state", "tcp_connect_duration_hist"), raw.connect
-            )
-            for name in ("tcp_connects_pending", "tcp_socks_open"):
-                raw.map_entries[name] = self._count("tcp_state", name)
-        if p.attached("tcp_events"):
-            n = 0
-            for k, (retransmits, resets_sent, resets_received) in self._summed(
-                "tcp_events", "tcp_events_by_cgroup"
-            ):
-                c = raw.cgroups[_int(k)]
-                c.retransmits += retransmits
-                c.resets_sent += resets_sent
-                c.resets_received += resets_received
-                n += 1
-            raw.map_entries["tcp_events_by_cgroup"] = n
-        for program, map_names in bs.MAP_IDS.items():
-            table = p.table(program, "map_update_failures")
-            if table is None:
-                continue
-            for idx, per_cpu in table.items():
-                if _int(idx) < len(map_names):
-                    raw.map_failures[map_names[_int(idx)]] = sum(int(v) for v in per_cpu)
-        if self._sockets.overflowed:
-            # Dead sockets' flows beyond max_flows (kept here, not in the kernel): the flow
-            # table is full all the same.
-            kernel = raw.map_failures.get("tcp_flow_bytes", 0)
-            raw.map_failures["tcp_flow_bytes"] = kernel + self._sockets.overflowed
-        return raw
-
-    def _read_sockets(self, raw: RawData) -> None:
+    def _read_sockets(self, read: KernelRead, committed: frozenset[int]) -> None:
         """The tp_btf build's per-socket counters: live sockets first, then the totals of
-        sockets that died, taken out of the kernel as they are read."""
+        sockets that died (final; deleted by delete_final). A socket found in both was
+        handed over while this poll read it: its final totals count, once."""
         slots = self._programs.socket_slot_array("tcp_traffic")
         if slots is None:
             return
@@ -156,66 +205,62 @@ class MapReader:
         if table is None or ids is None:
             return
         live = read_slots(slots.elements, ids[ct.c_uint32(0)].slots_taken)
-        finals = [
-            SocketTotals(int(keys[i]), (v.flow.cgroup_id, bytes(v.flow.peer)), v.sent, v.received)
-            for keys, values, n in lookup_batches(table, delete=True)
-            for i, v in enumerate(values[:n])
-        ]
-        for flow, (sent, received) in self._sockets.fold(live, finals).items():
-            s0, r0 = raw.flows.get(flow, (0, 0))
-            raw.flows[flow] = (s0 + sent, r0 + received)
-            c = raw.cgroups[flow[0]]
-            c.sent += sent
-            c.received += received
-        raw.map_entries["tcp_sock_slots"] = len(live)
-        raw.map_entries["tcp_sock_final"] = len(finals)
+        finals: list[SocketTotals] = []
+        gone: list[int] = []
+        for keys, values, n in lookup_batches(table):
+            for i, v in enumerate(values[:n]):
+                sid = int(keys[i])
+                gone.append(sid)
+                finals.append(SocketTotals(sid, (v.flow.cgroup_id, bytes(v.flow.peer)), v.sent, v.received))
+        if gone:
+            self._delete.append(("tcp_sock_final", table, (table.Key * len(gone))(*gone), len(gone)))
+        pieces, final = socket_counts(live, finals, committed)
+        read.live.flows.update(pieces)
+        read.final.flows.update(final)
+        read.map_entries["tcp_sock_slots"] = len(live)
+        read.map_entries["tcp_sock_final"] = len(gone)
 
-    def delete_cgroups(self, raw: RawData, dead: set[int]) -> int:
-        """Delete every map entry of the given cgroups (their values are already in
-        `raw`, read this poll). Returns entries deleted. An event landing between this
-        poll's read and the delete is lost: a window of one poll, for a dead cgroup."""
-        p = self._programs
-        self._sockets.forget(dead)
-        keys: list[tuple[str, str, Any]] = []
-        for cg in dead:
-            keys += [
-                ("tcp_state", "tcp_conn_by_cgroup", bs.CgroupKey(cg)),
-                ("tcp_events", "tcp_events_by_cgroup", bs.CgroupKey(cg)),
-            ]
-            for slot in raw.rtt.get(cg, {}):
-                keys.append(("tcp_traffic", "tcp_rtt_hist", bs.HistKey(cg, slot, 0)))
-            for (role, proto, method, status), slots in raw.requests.get(cg, {}).items():
-                for slot in slots:
-                    rk = bs.RequestKey(cg, role, proto, method, status, slot)
-                    keys.append(("tcp_traffic", "request_hist", rk))
-            for slot in raw.connect.get(cg, {}):
-                keys.append(("tcp_state", "tcp_connect_duration_hist", bs.HistKey(cg, slot, 0)))
-        for cg, peer in raw.flows:
-            if cg not in dead:
-                continue
-            if peer == UNTRACKED_PEER:
-                keys.append(("tcp_traffic", "tcp_flow_overflow", bs.CgroupKey(cg)))
-            else:
-                key = bs.TcpFlowKey(cg, (ct.c_uint8 * 16).from_buffer_copy(peer))
-                keys.append(("tcp_traffic", "tcp_flow_bytes", key))
+    def delete_final(self) -> int:
+        """Delete what the last read() found final; returns entries deleted."""
         deleted = 0
-        tables: dict[tuple[str, str], Any] = {}
-        for program, name, key in keys:
-            if not p.attached(program):
-                continue
-            table = tables.get((program, name))
-            if table is None:
-                table = tables[(program, name)] = p.table(program, name)
-            if table is None:
-                continue
-            try:
-                del table[key]
-                deleted += 1
-            except KeyError:
-                pass
+        pending, self._delete = self._delete, []
+        for name, table, keys, n in pending:
+            deleted += delete_keys(name, table, keys, n, self._batch_ok)
         return deleted
 
 
+def delete_keys(map_name: str, table: Any, keys: Any, n: int, batch_ok: dict[str, bool]) -> int:
+    """Delete `n` keys: one BPF_MAP_DELETE_BATCH, else one syscall each."""
+    from bcc.libbcc import lib  # late: importing exporter.kernel.maps must not need BCC
+
+    name = f"delete:{map_name}"
+    if batch_ok.get(name, True):
+        count = ct.c_uint32(n)
+        if lib.bpf_delete_batch(table.map_fd, keys, ct.byref(count)) == 0:
+            batch_ok[name] = True
+            return n
+        err = ct.get_errno()
+        if err not in _BATCH_UNSUPPORTED:
+            raise OSError(err, f"BPF_MAP_DELETE_BATCH on {map_name}: {os.strerror(err)}")
+        batch_ok[name] = False
+        log.info("batch deletes unavailable for map %s; deleting entry by entry", map_name)
+    deleted = 0
+    for i in range(n):
+        try:
+            del table[keys[i]]
+            deleted += 1
+        except KeyError:
+            pass
+    return deleted
+
+
+def _add_slot(slots: Slots, slot: int, count: int, total: int) -> None:
+    if count:
+        c0, t0 = slots.get(slot, (0, 0))
+        slots[slot] = (c0 + count, t0 + total)
+
+
+_U32 = 0xFFFFFFFF
 # 524 is the kernel-internal ENOTSUPP some map types return for batch ops.
 _BATCH_UNSUPPORTED = (errno.EINVAL, 524, errno.EOPNOTSUPP, errno.ENOSYS)
 BATCH_BYTES = 1 << 20
@@ -298,15 +343,34 @@ def _cpu_sums(values: Any, n: int, ncpu: int, signed: list[bool]) -> list[tuple[
     return list(zip(*columns, strict=True))
 
 
+_CODES = {ct.c_uint64: "Q", ct.c_int64: "q", ct.c_uint32: "I", ct.c_uint16: "H", ct.c_uint8: "B"}
+
+
+def key_format(ctype: Any) -> tuple[str, int]:
+    """(struct format of a key type, flattened in memory order, byte arrays as bytes;
+    index of its `gen` field), derived from the one ctypes mirror of the layout."""
+    codes: list[str] = []
+    gen_at = -1
+
+    def walk(t: Any) -> None:
+        nonlocal gen_at
+        for name, ftype in t._fields_:
+            if isinstance(ftype, type) and issubclass(ftype, ct.Structure):
+                walk(ftype)
+            elif isinstance(ftype, type) and issubclass(ftype, ct.Array):
+                codes.append(f"{ftype._length_}s")
+            else:
+                if name == "gen":
+                    gen_at = len(codes)
+                codes.append(_CODES[ftype])
+
+    walk(ctype)
+    fmt = "<" + "".join(codes)
+    if struct.calcsize(fmt) != ct.sizeof(ctype):
+        raise TypeError(f"{ctype.__name__} has padding a struct format cannot express")
+    return fmt, gen_at
+
+
 def _int(k: Any) -> int:
     """Scalar keys come back as int from batch lookups and as c_uint64 from items()."""
     return k if isinstance(k, int) else int(k.value)
-
-
-def _read_hist(items: Iterator[tuple[Any, tuple[int, ...]]], into: dict[int, Slots]) -> int:
-    n = 0
-    for k, (count, total) in items:
-        if count:
-            into[k.cgroup_id][k.slot] = (count, total)
-        n += 1
-    return n

@@ -51,6 +51,9 @@ EXTRA_FIELDS: dict[str, FieldSpec] = {
     f.macro: f
     for f in (
         _f("PODNET_OFF_SK_ERR", 4, ("sock", "sk_err")),
+        # The socket cookie sock_diag reports: how connections that existed before a
+        # fresh start are recognised when they close (tcp_state.bpf.c).
+        _f("PODNET_OFF_SKC_COOKIE", 8, ("sock", "__sk_common.skc_cookie")),
         _f("PODNET_OFF_TCP_SRTT_US", 4, ("tcp_sock", "srtt_us")),
         _f("PODNET_OFF_SKB_CB", 48, ("sk_buff", "cb")),
         _f("PODNET_OFF_TCP_SKB_CB_GSO_SEGS", 2, ("tcp_skb_cb", "tcp_gso_segs")),

@@ -25,10 +25,21 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 from exporter.kernel.bpf_structs import MAP_TYPES
-from exporter.kernel.bpf_syscall import BpfSyscallError, MappedArray, attach_tp_btf, load_tp_btf, map_array
+from exporter.kernel.bpf_syscall import (
+    BpfSyscallError,
+    MappedArray,
+    attach_tp_btf,
+    link_prog_id,
+    load_tp_btf,
+    map_array,
+    obj_get,
+    obj_pin,
+    prog_fd_by_id,
+)
 from exporter.kernel.btf import Btf
 from exporter.kernel.headers import find_tree
 from exporter.kernel.offsets import Offsets
+from exporter.kernel.pins import Pins, build_digest, variant_tag
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +222,19 @@ class LoadedPrograms:
     (Variant.describe: reason): logged as a warning at start-up and shown by doctor."""
     socket_slots: dict[str, MappedArray] = field(default_factory=dict)
     """program -> its array of live sockets' counters, mapped read-only (tp_btf builds)."""
+    pins: Pins | None = None
+    """Where maps and links are pinned; None: they live as long as this process."""
+    adopted: set[str] = field(default_factory=set)
+    """Programs found still attached and pinned by a previous exporter: their maps and
+    counts carry on."""
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """hook label -> (program fd, link fd) of hooks adopted from pins."""
+    pinned_maps: dict[str, str] = field(default_factory=dict)
+    """adopted program -> the prefix of its pinned maps: its tables read those, not the
+    unused maps BCC created when compiling it."""
+    variant_tags: dict[str, str] = field(default_factory=dict)
+    """program -> the tag (pins.variant_tag) of the build loaded last."""
+    _pinned_fds: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def socket_slot_array(self, program: str) -> MappedArray | None:
         """The program's live-socket slots, read in place by the poller (sockbytes.read_slots)."""
@@ -222,16 +246,29 @@ class LoadedPrograms:
             return None
         # Our ctypes mirrors, not BCC's generated ones: one definition of each layout.
         types = MAP_TYPES.get(name)
-        if types is None:
-            return obj.get_table(name.encode())
-        return obj.get_table(name.encode(), keytype=types[0], leaftype=types[1])
+        table = (
+            obj.get_table(name.encode())
+            if types is None
+            else obj.get_table(name.encode(), keytype=types[0], leaftype=types[1])
+        )
+        prefix = self.pinned_maps.get(program)
+        if prefix is not None and self.pins is not None:
+            fd = self._pinned_fds.get((program, name))
+            if fd is None:
+                fd = self.pins.open_map(prefix, name)
+                if fd is None:
+                    return None
+                self._pinned_fds[(program, name)] = fd
+            table.map_fd = fd
+        return table
 
     def program_fds(self) -> dict[str, int]:
         """hook label -> fd of the attached program, for run-time statistics."""
         out: dict[str, int] = {}
         for h in self.hooks:
-            if h.attached and h.hook.label in self.tp_btf:
-                out[h.hook.label] = self.tp_btf[h.hook.label][0]
+            fds = self.tp_btf.get(h.hook.label) or self.links.get(h.hook.label)
+            if h.attached and fds is not None:
+                out[h.hook.label] = fds[0]
                 continue
             obj = self.objects.get(h.program)
             fn = obj.funcs.get(h.hook.function.encode()) if h.attached and obj is not None else None
@@ -255,14 +292,31 @@ class LoadedPrograms:
         for label in labels:
             _close_link(self.tp_btf.pop(label, None))
 
+    def close_tp_btf_links(self) -> None:
+        for label in list(self.links):
+            _close_link(self.links.pop(label, None))
+
+    @property
+    def pinned(self) -> bool:
+        return self.pins is not None
+
     def unmap_socket_slots(self, program: str) -> None:
         mapped = self.socket_slots.pop(program, None)
         if mapped is not None:
             mapped.close()
 
-    def close(self) -> None:
-        """Detach everything; the kernel frees programs and maps with their last fd."""
+    def close(self, detach: bool = True) -> None:
+        """Close everything. Without pins that detaches the programs (the kernel frees
+        programs and maps with their last fd); with pins they stay attached and counting
+        for the next start, unless `detach`, which removes the pins too."""
         self.close_tp_btf(list(self.tp_btf))
+        self.close_tp_btf_links()
+        for fd in self._pinned_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pinned_fds.clear()
+        if detach and self.pins is not None:
+            self.pins.discard()
         for program in list(self.socket_slots):
             self.unmap_socket_slots(program)
         for obj in self.objects.values():
@@ -386,19 +440,33 @@ def _compile_and_attach(
     debug: int,
     bpf_class: Any,
     last: bool,
+    before_attach: Callable[[str, Any], None] | None = None,
 ) -> bool:
     """One attempt; True when done: every hook attached, or this was the last attempt
-    (then the hooks that attached stay, unless a required one failed)."""
+    (then the hooks that attached stay, unless a required one failed). With pins, a
+    variant a previous exporter left attached is adopted (its links and maps), not
+    attached again; a fresh one is attached and its links pinned."""
+    tag = variant_tag(variant.cflags)
+    pins = loaded.pins
+    adopt = pins is not None and pins.adopted(spec.name) == tag
+    # Adopting: built without pins (BCC would open them by map id, which needs
+    # CAP_SYS_ADMIN); the tables are pointed at the pinned maps instead (table()).
+    pin_flags = pins.cflags(spec.name, tag) if pins is not None and not adopt else []
     try:
         with _captured_stderr() as diag:
-            obj = bpf_class(src_file=str(spec.source).encode(), cflags=cflags, debug=debug)
+            obj = bpf_class(src_file=str(spec.source).encode(), cflags=cflags + pin_flags, debug=debug)
     except Exception as e:  # BCC raises bare Exception on compile failure
         why = _first_error(diag, e)
         reason = f"BCC could not compile {spec.source.name}: {why} (kernel headers: {loaded.headers})"
         for st in usable:
             st.reason = reason
+        if pins is not None:
+            pins.unpin_prefix(spec.name, tag)
         return True  # another variant would not compile either
     loaded.objects[spec.name] = obj
+    loaded.variant_tags[spec.name] = tag
+    if adopt and pins is not None:
+        loaded.pinned_maps[spec.name] = pins.prefix(spec.name, tag)
     if variant.tp_btf:
         try:
             _map_socket_slots(loaded, spec, obj)
@@ -407,7 +475,38 @@ def _compile_and_attach(
                 st.reason = str(e)
             obj.cleanup()
             del loaded.objects[spec.name]
+            if pins is not None:
+                pins.unpin_prefix(spec.name, tag)
             return last
+    if adopt and pins is not None:
+        _adopt_links(loaded, spec.name, usable, pins, tag)
+        if all(st.attached for st in usable):
+            loaded.adopted.add(spec.name)
+            loaded.builds[spec.name] = variant.describe()
+            return True
+        # Some pin is missing or stale: start this program afresh.
+        log.warning(
+            "cannot take over the pinned %s programs in %s (%s): starting them afresh, their counts since "
+            "the last poll are lost",
+            spec.name,
+            pins.dir,
+            next((st.reason for st in usable if st.reason), "?"),
+        )
+        loaded.close_tp_btf_links()
+        loaded.unmap_socket_slots(spec.name)
+        del loaded.pinned_maps[spec.name]
+        for st in usable:
+            st.attached, st.reason = False, ""
+        obj.cleanup()
+        pins.unpin_prefix(spec.name, tag)
+        obj = bpf_class(
+            src_file=str(spec.source).encode(), cflags=cflags + pins.cflags(spec.name, tag), debug=debug
+        )
+        loaded.objects[spec.name] = obj
+        if variant.tp_btf:
+            _map_socket_slots(loaded, spec, obj)
+    if before_attach is not None:
+        before_attach(spec.name, obj)
     for st in usable:
         try:
             if variant.tp_btf:
@@ -417,6 +516,8 @@ def _compile_and_attach(
                 with _captured_stderr():
                     obj.attach_raw_tracepoint(tp=tp, fn_name=fn)
             st.attached = True
+            if pins is not None:
+                _pin_link(loaded, obj, st, pins, spec.name, tag)
         except Exception as e:
             kind = "tp_btf" if variant.tp_btf else "raw tracepoint"
             st.reason = f"attach to {kind} {st.hook.tracepoint} failed: {e}"
@@ -428,11 +529,54 @@ def _compile_and_attach(
     loaded.unmap_socket_slots(spec.name)
     obj.cleanup()
     del loaded.objects[spec.name]
+    if pins is not None:
+        pins.unpin_prefix(spec.name, tag)
     for st in statuses:
         st.attached = False
         if failed:
             st.reason = st.reason or f"needs {failed[0].hook.tracepoint}: {failed[0].reason}"
     return last
+
+
+def _pin_link(loaded: LoadedPrograms, obj: Any, st: HookStatus, pins: Pins, program: str, tag: str) -> None:
+    """Pin a hook's attachment so that it outlives this process, and its program so that
+    the next exporter can read its statistics (BPF_PROG_GET_FD_BY_ID needs CAP_SYS_ADMIN)."""
+    fds = loaded.tp_btf.get(st.hook.label)
+    prog_fd: int | None
+    link_fd: int | None
+    if fds is not None:
+        prog_fd, link_fd = fds
+    else:
+        link_fd = obj.raw_tracepoint_fds.get(st.hook.tracepoint.encode())
+        fn = obj.funcs.get(st.hook.function.encode())
+        prog_fd = fn.fd if fn is not None else None
+    if link_fd is None or prog_fd is None:
+        raise BpfSyscallError(f"no link to pin for {st.hook.tracepoint}")
+    obj_pin(prog_fd, pins.prog_path(program, tag, st.hook.label))
+    obj_pin(link_fd, pins.link_path(program, tag, st.hook.label))
+
+
+def _adopt_links(
+    loaded: LoadedPrograms, program: str, usable: list[HookStatus], pins: Pins, tag: str
+) -> None:
+    """Take over the pinned attachments of a previous exporter's identical programs."""
+    for st in usable:
+        try:
+            link_fd = obj_get(pins.link_path(program, tag, st.hook.label))
+        except OSError as e:
+            st.reason = f"pinned link of {st.hook.tracepoint} unusable: {e.strerror}"
+            continue
+        try:
+            prog_fd = obj_get(pins.prog_path(program, tag, st.hook.label))
+        except OSError:
+            try:
+                prog_fd = prog_fd_by_id(link_prog_id(link_fd))
+            except OSError as e:
+                os.close(link_fd)
+                st.reason = f"pinned program of {st.hook.tracepoint} unusable: {e.strerror}"
+                continue
+        loaded.links[st.hook.label] = (prog_fd, link_fd)
+        st.attached = True
 
 
 def _warn_fallback(loaded: LoadedPrograms, program: str) -> None:
@@ -450,6 +594,14 @@ def _warn_fallback(loaded: LoadedPrograms, program: str) -> None:
     )
 
 
+def state_digest(offsets: Offsets, sizes: MapSizes, requests: RequestMode) -> str:
+    """What pinned state must match to be reused (exporter.kernel.pins)."""
+    sources = [p for p in BPF_DIR.iterdir() if p.suffix in (".c", ".h")]
+    return build_digest(
+        sources, [*offsets.cflags(), *sizes.cflags(), *syscall_cflags(), f"requests={requests}"]
+    )
+
+
 def load_programs(
     btf: Btf,
     offsets: Offsets,
@@ -459,6 +611,8 @@ def load_programs(
     requests: RequestMode = "http",
     tp_btf: bool = True,
     kernel_headers: str | None = None,
+    pins: Pins | None = None,
+    before_attach: Callable[[str, Any], None] | None = None,
 ) -> LoadedPrograms:
     """`requests` is a Config.requests mode: "turns" builds the hot path without reading
     payloads, "off" without request tracking (no clock read per event); `tp_btf=False`
@@ -471,7 +625,7 @@ def load_programs(
     headers.use()
     from bcc import BPF  # imported late: `doctor` must work where BCC is missing
 
-    loaded = LoadedPrograms(headers=headers.detail)
+    loaded = LoadedPrograms(headers=headers.detail, pins=pins)
     for spec in specs:
         statuses = [HookStatus(spec.name, h) for h in spec.hooks]
         loaded.hooks.extend(statuses)
@@ -496,15 +650,24 @@ def load_programs(
             continue
         base = program_cflags(spec, offsets, sizes, nargs)
         tries = [v for v in variants(spec, requests) if tp_btf or not v.tp_btf]
+        old = pins.adopted(spec.name) if pins is not None else None
+        # The build a previous exporter left attached goes first: adopting it keeps counting
+        # without a gap; any other build's pins are removed below, detaching it.
+        tries.sort(key=lambda v: variant_tag(v.cflags) != old)
         for i, variant in enumerate(tries):
             for st in usable:
                 st.reason, st.attached = "", False
             last = i == len(tries) - 1
             flags = base + list(variant.cflags)
-            if _compile_and_attach(loaded, btf, spec, statuses, usable, flags, variant, debug, BPF, last):
+            if _compile_and_attach(
+                loaded, btf, spec, statuses, usable, flags, variant, debug, BPF, last, before_attach
+            ):
                 break
             why = next((st.reason for st in usable if st.reason), "no reason given")
             loaded.passed_over.setdefault(spec.name, []).append(f"{variant.describe()}: {why}")
+        used = loaded.variant_tags.get(spec.name)
+        if pins is not None and old is not None and used != old:
+            pins.unpin_prefix(spec.name, old)
         _warn_fallback(loaded, spec.name)
     for st in loaded.hooks:
         if not st.attached:

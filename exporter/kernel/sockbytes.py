@@ -6,8 +6,8 @@ mapped into memory), and a socket that dies hands its totals over once, in the
 `tcp_sock_final` map, under the id of its state, before it clears the slot's id. A
 socket's bytes are therefore in exactly one place, except while a poll reads a slot at
 the instant of its hand-over: then the poll finds it in both, with the same id, and
-counts it once. Dead sockets' totals accumulate here, per flow, until their cgroup is
-gone, so a flow's counter never goes backwards.
+counts it once (exporter.kernel.maps). Dead sockets' totals go to the exporter's
+totals (exporter.metrics.ledger).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from exporter.kernel.bpf_structs import TcpFlowKey, TcpSockSlot
-from exporter.metrics.raw import UNTRACKED_PEER
+from exporter.metrics.raw import FlowSource
 
 Flow = tuple[int, bytes]
 """(owner cgroup id, peer address as 16 bytes)"""
@@ -86,42 +86,17 @@ def read_slot(slot: TcpSockSlot) -> SocketTotals | None:
     return None
 
 
-class SocketBytes:
-    """Folds each poll's live sockets and handed-over totals into per-flow totals."""
-
-    def __init__(self, max_flows: int) -> None:
-        self._max_flows = max_flows
-        self._dead: dict[Flow, list[int]] = {}
-        self.overflowed = 0
-        """Dead sockets' totals folded into their owner's untracked-peer flow because
-        `max_flows` flows were already held (the owner's totals stay exact)."""
-
-    def fold(
-        self, live: Iterable[SocketTotals], finals: Iterable[SocketTotals]
-    ) -> dict[Flow, tuple[int, int]]:
-        """Per flow, (sent, received) over every socket ever seen, dead or alive. `finals`
-        must be each handed-over socket exactly once (the caller deletes what it read)."""
-        folded: set[int] = set()
-        for f in finals:
-            folded.add(f.id)
-            flow = f.flow
-            if flow not in self._dead and len(self._dead) >= self._max_flows:
-                self.overflowed += 1
-                flow = (flow[0], UNTRACKED_PEER)
-            acc = self._dead.setdefault(flow, [0, 0])
-            acc[0] += f.sent
-            acc[1] += f.received
-        out = {flow: (acc[0], acc[1]) for flow, acc in self._dead.items()}
-        for s in live:
-            if s.id in folded:  # handed over while this poll read it: the final counts
-                continue
-            sent, received = out.get(s.flow, (0, 0))
-            out[s.flow] = (sent + s.sent, received + s.received)
-        return out
-
-    def forget(self, cgroups: set[int]) -> int:
-        """Drop the totals of dead cgroups (their last values are kept by the caller)."""
-        gone = [flow for flow in self._dead if flow[0] in cgroups]
-        for flow in gone:
-            del self._dead[flow]
-        return len(gone)
+def socket_counts(
+    live: Iterable[SocketTotals], finals: Iterable[SocketTotals], committed: frozenset[int]
+) -> tuple[dict[FlowSource, tuple[int, int]], dict[FlowSource, tuple[int, int]]]:
+    """(live pieces, final pieces) of per-socket counts, keyed (owner, peer, -socket id).
+    A socket handed over while the poll read its slot is in both lists: its final totals
+    count. `committed`: dead sockets already in the exporter's totals (not counted again)."""
+    final: dict[FlowSource, tuple[int, int]] = {}
+    handed: set[int] = set()
+    for f in finals:
+        handed.add(f.id)
+        if f.id not in committed:
+            final[(f.flow[0], f.flow[1], -f.id)] = (f.sent, f.received)
+    pieces = {(s.flow[0], s.flow[1], -s.id): (s.sent, s.received) for s in live if s.id not in handed}
+    return pieces, final

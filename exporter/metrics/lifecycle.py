@@ -1,39 +1,21 @@
-"""Dead cgroups: free their kernel map entries without making counters go backwards.
+"""Dead cgroups: drop their totals without making counters go backwards.
 
-When a container's cgroup is removed, its entries in the kernel maps are deleted (so the
-maps do not fill with the dead) and its last values are kept here, under its labels, for
-as long as the pod exists: a restarted container's new cgroup then continues the same
-series instead of resetting it. When the pod is gone too, the kept values are dropped and
-the series disappear.
+When a container's cgroup is removed and the kernel holds nothing of it any more, its
+totals leave the ledger and are kept here, under its labels, for as long as the pod
+exists: a restarted container's new cgroup then continues the same series instead of
+resetting it. When the pod is gone too, the kept values are dropped and the series
+disappear.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
+from typing import Any
 
-from exporter.metrics.raw import CgroupCounters, RawData, Slots
+from exporter.metrics.ledger import add_counters, add_slots, decode_raw, encode_raw
+from exporter.metrics.raw import RawData
 from exporter.pods.identity import Identity
-
-
-def _add_counters(into: CgroupCounters, c: CgroupCounters) -> None:
-    into.sent += c.sent
-    into.received += c.received
-    into.retransmits += c.retransmits
-    into.resets_sent += c.resets_sent
-    into.resets_received += c.resets_received
-    for i in range(2):
-        into.opened[i] += c.opened[i]
-        into.closed[i] += c.closed[i]
-        into.active[i] += c.active[i]
-    for i in range(4):
-        into.failed[i] += c.failed[i]
-
-
-def _add_slots(into: Slots, slots: Slots) -> None:
-    for slot, (count, total) in slots.items():
-        c0, t0 = into.get(slot, (0, 0))
-        into[slot] = (c0 + count, t0 + total)
 
 
 @dataclass
@@ -63,17 +45,47 @@ class Retired:
         if syn is None:
             return
         if cgid in raw.cgroups:
-            _add_counters(self.data.cgroups[syn], raw.cgroups[cgid])
+            add_counters(self.data.cgroups[syn], raw.cgroups[cgid])
         for (cg, peer), (sent, received) in raw.flows.items():
             if cg == cgid:
                 s0, r0 = self.data.flows.get((syn, peer), (0, 0))
                 self.data.flows[(syn, peer)] = (s0 + sent, r0 + received)
         if cgid in raw.rtt:
-            _add_slots(self.data.rtt[syn], raw.rtt[cgid])
+            add_slots(self.data.rtt[syn], raw.rtt[cgid])
         if cgid in raw.connect:
-            _add_slots(self.data.connect[syn], raw.connect[cgid])
+            add_slots(self.data.connect[syn], raw.connect[cgid])
         for labels, slots in raw.requests.get(cgid, {}).items():
-            _add_slots(self.data.requests[syn].setdefault(labels, {}), slots)
+            add_slots(self.data.requests[syn].setdefault(labels, {}), slots)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "data": encode_raw(self.data),
+            "ids": {astuple(ident): syn for ident, syn in self.ids.items()},
+            "dropped": self.dropped,
+        }
+
+    @classmethod
+    def decode(cls, d: Any, max_identities: int) -> Retired:
+        """From encode(); raises ValueError on anything else."""
+        try:
+            ids: dict[Identity, int] = {}
+            for fields, syn in d["ids"].items():
+                ns, pod, container, workload, kind, uid = fields
+                if not all(isinstance(x, str) for x in (ns, pod, container, workload, kind)) or not (
+                    uid is None or isinstance(uid, str)
+                ):
+                    raise ValueError("bad identity")
+                if type(syn) is not int or syn >= 0:
+                    raise ValueError("bad synthetic id")
+                ids[Identity(ns, pod, container, workload, kind, uid)] = syn
+            dropped = d["dropped"]
+            if type(dropped) is not int:
+                raise ValueError("bad count")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed retired totals: {e}") from None
+        r = cls(max_identities, decode_raw(d["data"]), ids, dropped)
+        r._next = min([-1, *(s - 1 for s in ids.values())])
+        return r
 
     def prune(self, keep: Callable[[Identity], bool]) -> None:
         for ident, syn in list(self.ids.items()):

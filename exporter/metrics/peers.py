@@ -10,6 +10,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from exporter.metrics.ledger import LOOPBACK, PeerLabels
 from exporter.metrics.raw import UNTRACKED_PEER
 from exporter.pods.identity import Identity
 from exporter.pods.metadata import PodStore
@@ -82,8 +83,9 @@ class PeerResolver:
         self.node_addresses = read_local_addresses()
         self._addresses_read_at = now
 
-    def classify(self, addr16: bytes, owner: Identity) -> tuple[str, str, str]:
-        """(peer_namespace, peer_workload, peer_kind)."""
+    def classify(self, addr16: bytes) -> PeerLabels:
+        """(peer_namespace, peer_workload, peer_kind) of an address now; LOOPBACK for
+        loopback addresses, whose peer is the flow's owner (loopback_peer)."""
         if addr16 == _UNTRACKED:
             return "", "", PEER_UNKNOWN
         parsed = self._addresses.get(addr16)
@@ -94,14 +96,18 @@ class PeerResolver:
             parsed = self._addresses[addr16] = (ip, ipaddress.ip_address(ip).is_loopback)
         ip, loopback = parsed
         if loopback:
-            # Loopback never leaves the owner's network namespace: in a pod that is the
-            # pod itself, on the host it is the node.
-            if owner.is_pod:
-                return owner.namespace, owner.workload, PEER_POD
-            return "", "", PEER_NODE
+            return LOOPBACK
         pod = self._store.by_ip(ip)
         if pod is not None:
             return pod.namespace, pod.workload, PEER_POD
         if ip in self.node_addresses:
             return "", "", PEER_NODE
         return "", "", PEER_EXTERNAL
+
+
+def loopback_peer(owner: Identity) -> PeerLabels:
+    """Loopback never leaves the owner's network namespace: in a pod that is the pod
+    itself, on the host it is the node."""
+    if owner.is_pod:
+        return owner.namespace, owner.workload, PEER_POD
+    return "", "", PEER_NODE

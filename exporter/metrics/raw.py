@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 Slots = dict[int, tuple[int, int]]
 """kernel histogram slot -> (count, sum in ns)."""
@@ -46,11 +47,50 @@ class RawData:
     """Everything one poll read, keyed by cgroup id; sums over CPUs already taken."""
 
     cgroups: dict[int, CgroupCounters] = field(default_factory=lambda: defaultdict(CgroupCounters))
-    flows: dict[tuple[int, bytes], tuple[int, int]] = field(default_factory=dict)
+    flows: dict[tuple[int, Any], tuple[int, int]] = field(default_factory=dict)
+    """(owner, peer) -> (sent, received); the peer is a PeerLabels (exporter.metrics.ledger)."""
     rtt: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
     connect: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
     requests: dict[int, dict[RequestLabels, Slots]] = field(default_factory=lambda: defaultdict(dict))
     """cgroup -> (role, protocol, method, status class codes) -> duration slots (their counts
     are the request counts)."""
+    map_failures: dict[str, int] = field(default_factory=dict)
+    map_entries: dict[str, int] = field(default_factory=dict)
+
+
+FlowSource = tuple[int, bytes, int]
+"""A flow's counts as the kernel keeps them: (owner cgroup id, peer address as 16 bytes,
+source), where source is the generation of a counter-map entry (>= 0) or minus the id
+of a socket's own counters (tp_btf build). A source's peer is classified once, when it
+is first read, so its bytes keep the peer they were counted for."""
+
+
+@dataclass
+class Counts:
+    """Counts by owner, as read from one set of kernel entries; flows not yet classified."""
+
+    cgroups: dict[int, CgroupCounters] = field(default_factory=lambda: defaultdict(CgroupCounters))
+    flows: dict[FlowSource, tuple[int, int]] = field(default_factory=dict)
+    rtt: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
+    connect: dict[int, Slots] = field(default_factory=lambda: defaultdict(dict))
+    requests: dict[int, dict[RequestLabels, Slots]] = field(default_factory=lambda: defaultdict(dict))
+
+    def owners(self) -> set[int]:
+        ids = set(self.cgroups) | set(self.rtt) | set(self.connect) | set(self.requests)
+        return ids | {cg for cg, _, _ in self.flows}
+
+
+@dataclass
+class KernelRead:
+    """One poll's read of the kernel maps.
+
+    `final` holds what no program will add to any more (counter-map entries of old
+    generations, dead sockets' totals): the reader deletes it from the kernel once the
+    poller has added it to its totals and saved them. `live` holds what is still
+    counting (the last two generations, live sockets): read again next poll."""
+
+    generation: int = 0
+    final: Counts = field(default_factory=Counts)
+    live: Counts = field(default_factory=Counts)
     map_failures: dict[str, int] = field(default_factory=dict)
     map_entries: dict[str, int] = field(default_factory=dict)

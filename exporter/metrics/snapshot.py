@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from exporter.metrics import model as m
+from exporter.metrics.ledger import LOOPBACK
+from exporter.metrics.peers import loopback_peer
 from exporter.metrics.raw import (
     DIRECTIONS,
     FAIL_REASONS,
@@ -69,13 +71,13 @@ class _Acc:
 def build_snapshot(
     raw: RawData,
     identities: Mapping[int, Identity],
-    classify_peer: Callable[[bytes, Identity], tuple[str, str, str]],
     state: ExporterState,
     now: float,
     *,
     pods: Iterable[PodMeta] = (),
     max_series: int | None = None,
     previous: m.Snapshot | None = None,
+    counters_since: float = 0.0,
 ) -> m.Snapshot:
     """`max_series` caps each of CAPPED_FAMILIES; `previous` (the last snapshot built) says
     which series were exported already, and holds the running drop totals."""
@@ -104,7 +106,7 @@ def build_snapshot(
         ident = identities.get(cgid)
         if ident is None:
             continue
-        peer_labels = classify_peer(peer, ident)
+        peer_labels = loopback_peer(ident) if peer == LOOPBACK else peer
         acc.add(m.FLOW_BYTES, (*ident.labels, "sent", *peer_labels), sent)
         acc.add(m.FLOW_BYTES, (*ident.labels, "received", *peer_labels), received)
     for spec, per_cgroup in ((m.TCP_RTT, raw.rtt), (m.TCP_CONNECT, raw.connect)):
@@ -134,7 +136,7 @@ def build_snapshot(
         for name, series in acc.hists.items()
     }
     pod_uids = {(i.namespace, i.pod): i.pod_uid for i in identities.values() if i.pod_uid}
-    return m.Snapshot.build(now, samples, hists, pod_uids)
+    return m.Snapshot.build(now, samples, hists, pod_uids, counters_since=counters_since)
 
 
 def request_labels(role: int, protocol: int, method: int, status: int) -> tuple[str, str, str, str]:

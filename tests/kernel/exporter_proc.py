@@ -47,14 +47,38 @@ def parse(text: str) -> Scrape:
     return Scrape(samples, text)
 
 
+PIN_ROOT = "/sys/fs/bpf/podnet-test"
+
+
 class ExporterProcess:
+    """`state`: where the exporter pins its maps and saves its totals; by default a
+    directory of its own, removed (programs detached) by stop(). Pass one to share it
+    between runs (a restart) and remove it with reset()."""
+
     def __init__(
-        self, args: Sequence[str], env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        state: tuple[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"podnet-exporter-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [*prefix, sys.executable, "-m", "exporter", "run", "--listen", f"127.0.0.1:{self.port}", *args]
+        self.owns_state = state is None and "--pin-dir" not in args
+        self.state = state or new_state_dirs()
+        pins = [] if "--pin-dir" in args else ["--pin-dir", self.state[0], "--state-dir", self.state[1]]
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "exporter",
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *pins,
+            *args,
+        ]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
@@ -111,4 +135,23 @@ class ExporterProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self.owns_state:
+            reset(self.state)
         return self.proc.returncode
+
+
+def new_state_dirs() -> tuple[str, str]:
+    """(pin dir, state dir) of one exporter's state, unique to it."""
+    import tempfile
+    import uuid
+
+    os.makedirs(PIN_ROOT, exist_ok=True)
+    return os.path.join(PIN_ROOT, uuid.uuid4().hex[:12]), tempfile.mkdtemp(prefix="podnet-state-")
+
+
+def reset(state: tuple[str, str]) -> None:
+    """Remove pinned maps and links (detaching their programs) and saved totals."""
+    import shutil
+
+    shutil.rmtree(state[0], ignore_errors=True)
+    shutil.rmtree(state[1], ignore_errors=True)

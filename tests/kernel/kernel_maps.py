@@ -73,3 +73,32 @@ def cgroups_in_maps(pid: int) -> dict[str, set[int]]:
                 ids.add(int.from_bytes(_hex(entry["value"])[off : off + 8], "little"))
         found[keyed or str(sock)] = ids
     return found
+
+
+class Totals:
+    """What the exporter makes of the maps, for tests that drive programs directly: a
+    MapReader and a Ledger whose peers are the raw addresses (flow_key)."""
+
+    def __init__(self, programs: object) -> None:
+        from exporter.kernel.maps import MapReader
+        from exporter.metrics.ledger import Ledger
+
+        self.reader = MapReader(programs)  # type: ignore[arg-type]
+        self.ledger = Ledger()
+
+    def read(self) -> object:
+        """One poll: the totals so far (a RawData), kernel entries made final deleted."""
+        ledger = self.ledger
+        raw = ledger.apply(self.reader.read(ledger.committed_through, ledger.committed_sockets), by_address)
+        self.reader.delete_final()
+        ledger.committed_sockets = frozenset()
+        return raw
+
+
+def by_address(addr16: bytes) -> tuple[str, str, str]:
+    return ("", addr16.hex(), "address")
+
+
+def flow_key(cgroup_id: int, addr16: bytes) -> tuple[int, tuple[str, str, str]]:
+    """A flow's key in Totals.read().flows."""
+    return cgroup_id, by_address(addr16)

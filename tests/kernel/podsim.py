@@ -679,8 +679,10 @@ class SimCluster:
         container_name: str | None = None,
         image: str = "docker.io/library/python:3.11-slim",
         labels: Mapping[str, str] | None = None,
+        ip: str | None = None,
     ) -> SimPod:
-        """Create a pod: cgroup in the kubelet layout, netns with eth0 on the node bridge, next free IP.
+        """Create a pod: cgroup in the kubelet layout, netns with eth0 on the node bridge, next free IP
+        (or ``ip``: a removed pod's, freed with release_ip(), as a real cluster reuses them).
         ``workload`` defaults to ``name``; ``container_name`` defaults to the workload name."""
         if self._closed:
             raise RuntimeError("cluster is closed")
@@ -715,7 +717,7 @@ class SimCluster:
         pod_dir, cg_dir = self._make_cgroup("/".join(chain), leaves=2)
 
         # network
-        ip = f"{SUBNET_PREFIX}{idx + 2}"
+        ip = ip or f"{SUBNET_PREFIX}{idx + 2}"
         netns = f"{self.tag}-pod{idx}"
         host_veth = f"{self.tag}v{idx}"
         self._add_netns(netns)
@@ -879,6 +881,13 @@ class SimCluster:
         self._remove_cgroup(pod.cgroup_dir)
         self._remove_cgroup(pod.pod_cgroup_dir)
         self.pods.remove(pod)
+
+    def release_ip(self, pod: SimPod) -> None:
+        """Take a removed pod's address off its network namespace, free for add_pod(ip=...),
+        and forget its MAC everywhere (as the gratuitous ARP of a real pod's new owner does)."""
+        _ip("addr", "del", f"{pod.ip}/24", "dev", "eth0", netns=pod.netns)
+        for ns in [self.node_ns, *(p.netns for p in self.pods)]:
+            _ip("neigh", "flush", "to", pod.ip, netns=ns, check=False)
 
     def _remove_cgroup(self, d: str) -> None:
         left = _rmdir_cgroups([d], timeout=5.0)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 from hostprobe import preferred_refused, refusal_under, require_preferred_build
+from kernel_maps import Totals, flow_key
 from podsim import SimCluster, client_argv, ready_path, server_argv, wait_for_file
 
 from exporter.kernel.bpf_structs import SockInfo
 from exporter.kernel.bpfstats import prog_run_stats
 from exporter.kernel.btf import Btf
-from exporter.kernel.maps import MapReader
 from exporter.kernel.offsets import resolve_offsets
 from exporter.kernel.programs import LoadedPrograms, MapSizes, load_programs
 from exporter.metrics.raw import HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES
@@ -171,10 +171,10 @@ def test_every_build_counts_bytes_and_requests_exactly(btf: Btf, cluster: SimClu
     try:
         port = free_port()
         cg_id = host_exchange(cluster, f"build-{build}", port, ["127.0.0.1"] * 6, 300, 40)
-        raw = MapReader(progs).read()
+        raw = Totals(progs).read()
         assert raw.cgroups[cg_id].sent == 6 * (300 + 40)
         assert raw.cgroups[cg_id].received == 6 * (300 + 40)
-        assert raw.flows[(cg_id, V4_LOOPBACK)] == (6 * 340, 6 * 340)
+        assert raw.flows[flow_key(cg_id, V4_LOOPBACK)] == (6 * 340, 6 * 340)
         counts: dict[int, int] = {}
         for labels, slots in raw.requests.get(cg_id, {}).items():
             counts[labels[0]] = counts.get(labels[0], 0) + sum(n for n, _ in slots.values())
@@ -206,7 +206,7 @@ def test_every_build_reads_http_only_when_asked(btf: Btf, cluster: SimCluster, b
         finally:
             server.kill()
             server.wait()
-        requests = MapReader(progs).read().requests.get(cg_id, {})
+        requests = Totals(progs).read().requests.get(cg_id, {})
         counts = {
             (ROLES[role], PROTOCOLS[proto], HTTP_METHODS[method], STATUS_CLASSES[status]): sum(
                 n for n, _ in slots.values()
@@ -232,36 +232,16 @@ def test_full_maps_are_counted_and_totals_stay_exact(btf: Btf, cluster: SimClust
     try:
         hosts = [f"127.0.0.{i}" for i in range(2, 13)]
         cg_id = host_exchange(cluster, f"full-{build}", free_port(), hosts, 100, 7)
-        raw = MapReader(progs).read()
+        raw = Totals(progs).read()
         if progs.data_path == "raw_tracepoint":
             assert raw.map_failures["tcp_flow_bytes"] > 0
             assert raw.map_entries["tcp_flow_bytes"] <= 8
-            assert (cg_id, bytes(16)) in raw.flows  # the catch-all: peer unknown
+            assert flow_key(cg_id, bytes(16)) in raw.flows  # the catch-all: peer unknown
         else:
             assert raw.map_failures["tcp_sock_final"] > 0
             assert raw.map_entries["tcp_sock_final"] <= 8
         assert raw.cgroups[cg_id].sent == 11 * (100 + 7)
         assert raw.cgroups[cg_id].received == 11 * (100 + 7)
-    finally:
-        progs.close()
-
-
-def test_dead_sockets_beyond_the_flow_limit_are_counted_and_totals_stay_exact(
-    btf: Btf, cluster: SimCluster
-) -> None:
-    """tp_btf build: the poller keeps dead sockets' totals per flow up to a limit; beyond it
-    they go to the owner's catch-all flow and the flow table counts as full."""
-    require_preferred_build()
-    progs = load(btf)
-    try:
-        reader = MapReader(progs, max_flows=1)
-        hosts = [f"127.0.0.{i}" for i in (21, 22, 23)]
-        cg_id = host_exchange(cluster, "flow-limit", free_port(), hosts, 100, 7)
-        raw = reader.read()
-        assert raw.map_failures["tcp_flow_bytes"] >= 2
-        assert raw.cgroups[cg_id].sent == 3 * 107
-        assert raw.cgroups[cg_id].received == 3 * 107
-        assert raw.flows[(cg_id, bytes(16))][0] > 0  # the catch-all: peer unknown
     finally:
         progs.close()
 
@@ -272,9 +252,11 @@ def test_live_and_dead_sockets_count_once(btf: Btf) -> None:
     of its own, so the client's flow is this test's alone (other tests share the cgroup)."""
     require_preferred_build()
     progs = load(btf)
-    reader = MapReader(progs)
+    reader = Totals(progs)
     me = Path(f"/proc/{os.getpid()}/cgroup").read_text().strip().split("::")[-1]
-    flow = (os.stat(f"{find_cgroup2_mount()}{me}").st_ino, bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 77]))
+    flow = flow_key(
+        os.stat(f"{find_cgroup2_mount()}{me}").st_ino, bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 77])
+    )
     srv = socket.socket()
     srv.bind(("127.0.0.77", 0))
     srv.listen()
@@ -308,7 +290,7 @@ def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster, build: str) ->
     try:
         port = free_port()
         cg_id = host_exchange(cluster, f"sockets-{build}", port, ["127.0.0.1"] * 20, 100, 10)
-        raw = MapReader(progs).read()
+        raw = Totals(progs).read()
         assert raw.cgroups[cg_id].opened == [20, 20]
         # Every connection closed: nothing of this cgroup is still pending, open or cached.
         # (The tp_btf build keeps socket state in socket-local storage, which the kernel
@@ -331,7 +313,7 @@ def test_per_socket_state_is_freed(btf: Btf, cluster: SimCluster, build: str) ->
         while leftovers() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert leftovers() == []
-        assert MapReader(progs).read().cgroups[cg_id].active == [0, 0]
+        assert Totals(progs).read().cgroups[cg_id].active == [0, 0]
     finally:
         progs.close()
 
@@ -421,8 +403,8 @@ def test_a_forced_fallback_is_loud(
         ), passed
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert any("tcp_traffic runs as raw tracepoints" in w and "mapping the array" in w for w in warnings)
-        flow = own_flow_at("127.0.0.78")
-        reader = MapReader(progs)
+        flow = flow_key(*own_flow_at("127.0.0.78"))
+        reader = Totals(progs)
         with socket.socket() as srv:
             srv.bind(("127.0.0.78", 0))
             srv.listen()

@@ -4,6 +4,7 @@ exporter (a child process, scraped over HTTP) must report exactly that."""
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -440,14 +441,19 @@ def test_dead_container_is_freed_and_its_pod_keeps_counting(
     b = cluster.add_pod("steady", workload="steady")
     cluster.write_pods_file(pods_file)
     server = serve(b, 8000, connections=3, reply=10)
-    client(a, b.ip, 8000, 3, 100, 10)
-    finish(server)
+    # Paused, the exporter does not take the entries out of the kernel: they can be seen.
+    exporter.proc.send_signal(signal.SIGSTOP)
+    try:
+        client(a, b.ip, 8000, 3, 100, 10)
+        finish(server)
+        old_id = a.cgroup_id
+        # (Its bytes were counted in its sockets' storage, which bpftool cannot list.)
+        assert old_id in cgroups_in_maps(exporter.proc.pid)["tcp_conn_by_cgroup"]
+        assert old_id in cgroups_in_maps(exporter.proc.pid)["tcp_rtt_hist"]
+    finally:
+        exporter.proc.send_signal(signal.SIGCONT)
     sent = "podnet_tcp_sent_bytes_total"
     assert exporter.fresh_scrape().value(sent, **full_labels(a)) == 300
-    old_id = a.cgroup_id
-    # (Its bytes were counted in its sockets' storage, which bpftool cannot list.)
-    assert old_id in cgroups_in_maps(exporter.proc.pid)["tcp_conn_by_cgroup"]
-    assert old_id in cgroups_in_maps(exporter.proc.pid)["tcp_rtt_hist"]
 
     cluster.restart_container(a)
     cluster.write_pods_file(pods_file)

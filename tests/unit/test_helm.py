@@ -352,15 +352,27 @@ def test_mounts_are_read_only_except_tmp(chart: helm.Chart) -> None:
         "/lib/modules": "/lib/modules",
         "/usr/src": "/usr/src",
         "/host/sys/fs/cgroup": "/sys/fs/cgroup",
+        "/sys/fs/bpf": "/sys/fs/bpf",
+        "/run/podnet": "/run/podnet",
     }
-    for path in host:
+    # Pinned maps and saved totals are written; every other host path is read-only.
+    for path in set(host) - {"/sys/fs/bpf", "/run/podnet"}:
         assert mounts[path]["readOnly"] is True, path
+    assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["type"] == "Directory"
+    assert volumes[mounts["/run/podnet"]["name"]]["hostPath"]["type"] == "DirectoryOrCreate"
     assert mounts["/etc/podnet"]["readOnly"] is True
     assert volumes[mounts["/tmp"]["name"]]["emptyDir"] == {"sizeLimit": "64Mi"}
     assert not mounts["/tmp"].get("readOnly")
-    # Nothing else of the host: no /proc, /sys/kernel/debug, tracefs, bpffs or the runtime socket.
-    assert len(mounts) == 5
+    # Nothing else of the host: no /proc, /sys/kernel/debug, tracefs or the runtime socket.
+    assert len(mounts) == 7
     assert r.exporter_config["cgroup_root"] == "/host/sys/fs/cgroup"
+    assert (r.exporter_config["pin_dir"], r.exporter_config["state_dir"]) == (
+        "/sys/fs/bpf/podnet",
+        "/run/podnet",
+    )
+    off = render(chart, {"persistence": {"enabled": False}})
+    assert {m["mountPath"] for m in off.container["volumeMounts"]}.isdisjoint({"/sys/fs/bpf", "/run/podnet"})
+    assert off.exporter_config["pin_dir"] == "none"
     no_src = render(chart, {"hostPaths": {"usrSrc": ""}})
     assert "/usr/src" not in {m["mountPath"] for m in no_src.container["volumeMounts"]}
 

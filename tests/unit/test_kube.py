@@ -516,7 +516,7 @@ def test_metadata_self_metrics() -> None:
             MetadataSourceState("file", True, 1700000001.0, 1, 0),
         )
     )
-    snap = build_snapshot(RawData(), {}, lambda peer, ident: ("", "", ""), state, 1700000002.0)
+    snap = build_snapshot(RawData(), {}, state, 1700000002.0)
 
     def values(spec: m.MetricSpec) -> dict[tuple[str, ...], float]:
         return {s.labels: s.value for s in snap.samples[spec.name]}

@@ -10,11 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.metrics import peers as peers_module
+from exporter.metrics.ledger import LOOPBACK
 from exporter.metrics.peers import (
     PEER_EXTERNAL,
     PEER_NODE,
     PEER_POD,
     PeerResolver,
+    loopback_peer,
     peer_address,
     read_local_addresses,
 )
@@ -199,6 +201,13 @@ def peers() -> PeerResolver:
     return r
 
 
+def classify(resolver: PeerResolver, addr16: bytes, owner: Identity) -> tuple[str, str, str]:
+    """What a flow's peer labels end up as: classified when read, loopback named after
+    its owner when the snapshot is built."""
+    labels = resolver.classify(addr16)
+    return loopback_peer(owner) if labels == LOOPBACK else labels
+
+
 CLASSIFY_CASES: list[tuple[str, bytes, Identity, tuple[str, str, str]]] = [
     ("v4 loopback in a pod is the pod itself", v4("127.0.0.1"), WEB, ("shop", "web", PEER_POD)),
     ("other 127/8 address in a pod", v4("127.0.0.53"), WEB, ("shop", "web", PEER_POD)),
@@ -227,7 +236,7 @@ CLASSIFY_CASES: list[tuple[str, bytes, Identity, tuple[str, str, str]]] = [
 def test_classify(
     peers: PeerResolver, addr16: bytes, owner: Identity, expected: tuple[str, str, str]
 ) -> None:
-    assert peers.classify(addr16, owner) == expected
+    assert classify(peers, addr16, owner) == expected
 
 
 def test_host_network_pod_ip_is_not_indexed() -> None:
@@ -236,21 +245,21 @@ def test_host_network_pod_ip_is_not_indexed() -> None:
     r = PeerResolver(store)
     assert store.by_ip(NODE_IP) is None
     # Not a node address either (none known yet): external, never the hostNetwork pod.
-    assert r.classify(v4(NODE_IP), WEB) == ("", "", PEER_EXTERNAL)
+    assert classify(r, v4(NODE_IP), WEB) == ("", "", PEER_EXTERNAL)
 
 
 def test_classify_follows_store_updates(peers: PeerResolver) -> None:
     new_ip = v4("10.244.9.9")
-    assert peers.classify(new_ip, WEB)[2] == PEER_EXTERNAL
+    assert classify(peers, new_ip, WEB)[2] == PEER_EXTERNAL
     peers._store.upsert(pod("d00d0000-1111-4222-8333-444455556666", "x", "y", "y", "Pod", ("10.244.9.9",)))
-    assert peers.classify(new_ip, WEB) == ("x", "y", PEER_POD)
+    assert classify(peers, new_ip, WEB) == ("x", "y", PEER_POD)
 
 
 def test_node_addresses_start_empty() -> None:
     r = PeerResolver(PodStore())
     assert r.node_addresses == frozenset()
-    assert r.classify(v4("10.0.0.11"), WEB) == ("", "", PEER_EXTERNAL)
-    assert r.classify(v4("127.0.0.1"), HOST) == ("", "", PEER_NODE)
+    assert classify(r, v4("10.0.0.11"), WEB) == ("", "", PEER_EXTERNAL)
+    assert classify(r, v4("127.0.0.1"), HOST) == ("", "", PEER_NODE)
 
 
 def test_untracked_flow_key_is_unknown(peers: PeerResolver) -> None:
@@ -258,8 +267,8 @@ def test_untracked_flow_key_is_unknown(peers: PeerResolver) -> None:
     unknown = getattr(peers_module, "PEER_UNKNOWN", None)
     if unknown is None:
         pytest.skip("this version has no untracked-peer key")
-    assert peers.classify(bytes(16), WEB) == ("", "", unknown)
-    assert peers.classify(bytes(16), HOST) == ("", "", unknown)
+    assert classify(peers, bytes(16), WEB) == ("", "", unknown)
+    assert classify(peers, bytes(16), HOST) == ("", "", unknown)
 
 
 @settings(deadline=None)
@@ -270,7 +279,7 @@ def test_classify_always_returns_a_known_kind(ip: ipaddress.IPv4Address | ipaddr
     r = PeerResolver(store)
     addr16 = v4(str(ip)) if ip.version == 4 else ip.packed
     for owner in (WEB, HOST):
-        ns, workload, kind = r.classify(addr16, owner)
+        ns, workload, kind = classify(r, addr16, owner)
         assert kind in (PEER_POD, PEER_NODE, PEER_EXTERNAL)
         if kind != PEER_POD:
             assert (ns, workload) == ("", "")

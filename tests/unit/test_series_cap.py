@@ -36,7 +36,7 @@ def raw_for(pods: list[int]) -> tuple[RawData, dict[int, Identity]]:
         cg = i + 1
         ids[cg] = ident(i)
         raw.cgroups[cg] = CgroupCounters(sent=i + 1, received=1, opened=[1, 0], closed=[1, 0])
-        raw.flows[(cg, bytes(15) + bytes([i % 256]))] = (i + 1, 1)
+        raw.flows[(cg, ("", "", "external"))] = (i + 1, 1)
         raw.rtt[cg] = {130: (1, 1000)}
     return raw, ids
 
@@ -48,7 +48,7 @@ def build(
     state: ExporterState | None = None,
 ) -> m.Snapshot:
     raw, ids = raw_for(pods)
-    return build_snapshot(raw, ids, no_peer, state or ExporterState(), NOW, max_series=cap, previous=previous)
+    return build_snapshot(raw, ids, state or ExporterState(), NOW, max_series=cap, previous=previous)
 
 
 def series(snap: m.Snapshot, spec: m.MetricSpec) -> set[tuple[str, ...]]:
@@ -221,7 +221,7 @@ def test_pod_info_one_row_per_pod() -> None:
         meta("web-2", "u2", ("10.0.0.10", "fd00::10")),  # dual stack: the primary IP
         meta("agent", "u3", (), host=True),  # hostNetwork: no pod IP of its own
     ]
-    snap = build_snapshot(RawData(), {}, no_peer, ExporterState(), NOW, pods=pods)
+    snap = build_snapshot(RawData(), {}, ExporterState(), NOW, pods=pods)
     rows = {s.labels: s.value for s in snap.samples[m.POD_INFO.name]}
     assert rows == {
         ("shop", "web-1", "web", "Deployment", "node-a", "10.0.0.9"): 1,
@@ -234,17 +234,17 @@ def test_pod_info_one_row_per_pod() -> None:
 def test_pod_info_is_never_more_than_one() -> None:
     # A StatefulSet pod being replaced: two UIDs, one name, for a moment.
     pods = [meta("db-0", "old"), meta("db-0", "new")]
-    snap = build_snapshot(RawData(), {}, no_peer, ExporterState(), NOW, pods=pods)
+    snap = build_snapshot(RawData(), {}, ExporterState(), NOW, pods=pods)
     assert [s.value for s in snap.samples[m.POD_INFO.name]] == [1]
 
 
 def test_pod_info_is_capped() -> None:
     pods = [meta(f"web-{i}", f"u{i}", (f"10.0.1.{i}",)) for i in range(30)]
-    snap = build_snapshot(RawData(), {}, no_peer, ExporterState(), NOW, pods=pods, max_series=12)
+    snap = build_snapshot(RawData(), {}, ExporterState(), NOW, pods=pods, max_series=12)
     assert len(snap.samples[m.POD_INFO.name]) == 12
     assert dropped(snap)[m.POD_INFO.exposed_name] == 18
 
 
 def test_no_pods_no_pod_info() -> None:
-    snap = build_snapshot(RawData(), {}, no_peer, ExporterState(), NOW)
+    snap = build_snapshot(RawData(), {}, ExporterState(), NOW)
     assert m.POD_INFO.name not in snap.samples

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.metrics import model as m
+from exporter.metrics.ledger import LOOPBACK
 from exporter.metrics.raw import CgroupCounters, RawData
 from exporter.metrics.snapshot import ExporterState, build_snapshot
 from exporter.pods.identity import Identity
@@ -38,25 +39,11 @@ def v6(addr: str) -> bytes:
     return ipaddress.IPv6Address(addr).packed
 
 
-class StubClassifier:
-    """classify_peer stand-in: a fixed table, recording every call."""
-
-    def __init__(self, table: dict[bytes, tuple[str, str, str]]) -> None:
-        self.table = table
-        self.calls: list[tuple[bytes, Identity]] = []
-
-    def __call__(self, peer: bytes, owner: Identity) -> tuple[str, str, str]:
-        self.calls.append((peer, owner))
-        return self.table.get(peer, ("", "", "external"))
+EXTERNAL = ("", "", "external")
 
 
-def build(
-    raw: RawData,
-    identities: dict[int, Identity],
-    classify: StubClassifier | None = None,
-    state: ExporterState | None = None,
-) -> m.Snapshot:
-    return build_snapshot(raw, identities, classify or StubClassifier({}), state or ExporterState(), NOW)
+def build(raw: RawData, identities: dict[int, Identity], state: ExporterState | None = None) -> m.Snapshot:
+    return build_snapshot(raw, identities, state or ExporterState(), NOW)
 
 
 def values(snap: m.Snapshot, spec: m.MetricSpec) -> dict[tuple[str, ...], float]:
@@ -95,16 +82,14 @@ def test_cgroups_without_identity_are_skipped_everywhere() -> None:
     raw = RawData()
     raw.cgroups[1] = CgroupCounters(sent=1, received=1, opened=[1, 1], retransmits=3)
     raw.cgroups[99] = CgroupCounters(sent=50, received=60, opened=[5, 5], failed=[1, 0, 0, 0], retransmits=9)
-    raw.flows[(99, v4("10.0.0.1"))] = (7, 8)
+    raw.flows[(99, EXTERNAL)] = (7, 8)
     raw.rtt[99][130] = (1, 1000)
     raw.connect[99][130] = (1, 1000)
-    classify = StubClassifier({})
-    snap = build(raw, {1: HOST_NGINX}, classify)
+    snap = build(raw, {1: HOST_NGINX})
     assert values(snap, m.TCP_SENT) == {HOST_NGINX.labels: 1}
     assert values(snap, m.TCP_RETRANSMITS) == {HOST_NGINX.labels: 3}
     assert m.TCP_FAILED.name not in snap.samples
     assert m.FLOW_BYTES.name not in snap.samples
-    assert classify.calls == [], "no peer lookups for unknown owners"
     assert snap.histograms == {}
 
 
@@ -172,23 +157,14 @@ def test_retransmits_and_resets() -> None:
 # ---- flows ---------------------------------------------------------------------------
 
 
-def test_flows_get_peer_labels_and_sum_per_peer_workload() -> None:
+def test_flows_sum_per_peer_workload() -> None:
     raw = RawData()
-    # Two db replicas behind two IPs, one node address, two external addresses.
-    raw.flows[(1, v4("10.244.2.5"))] = (100, 1000)
-    raw.flows[(1, v4("10.244.3.9"))] = (20, 200)
-    raw.flows[(2, v4("10.244.2.5"))] = (1, 2)  # second cgroup with the same labels
-    raw.flows[(1, v4("10.0.0.11"))] = (3, 4)
-    raw.flows[(1, v4("93.184.216.34"))] = (5, 6)
-    raw.flows[(1, v6("2001:db8::1"))] = (7, 8)
-    classify = StubClassifier(
-        {
-            v4("10.244.2.5"): ("data", "db", "pod"),
-            v4("10.244.3.9"): ("data", "db", "pod"),
-            v4("10.0.0.11"): ("", "", "node"),
-        }
-    )
-    snap = build(raw, {1: WEB_NGINX, 2: WEB_NGINX}, classify)
+    # Flows arrive classified (exporter.metrics.ledger); cgroups sharing labels add up.
+    raw.flows[(1, ("data", "db", "pod"))] = (120, 1200)
+    raw.flows[(2, ("data", "db", "pod"))] = (1, 2)  # second cgroup with the same labels
+    raw.flows[(1, ("", "", "node"))] = (3, 4)
+    raw.flows[(1, EXTERNAL)] = (12, 14)
+    snap = build(raw, {1: WEB_NGINX, 2: WEB_NGINX})
     pl = WEB_NGINX.labels
     assert values(snap, m.FLOW_BYTES) == {
         (*pl, "sent", "data", "db", "pod"): 121,
@@ -198,15 +174,25 @@ def test_flows_get_peer_labels_and_sum_per_peer_workload() -> None:
         (*pl, "sent", "", "", "external"): 12,
         (*pl, "received", "", "", "external"): 14,
     }
-    # The classifier sees the raw 16-byte key and the owner's identity.
-    assert (v4("10.244.2.5"), WEB_NGINX) in classify.calls
-    assert all(owner == WEB_NGINX for _, owner in classify.calls)
-    assert len(classify.calls) == len(raw.flows)
+
+
+@pytest.mark.parametrize(
+    ("owner", "peer"),
+    [(WEB_NGINX, ("shop", "web", "pod")), (HOST_NGINX, ("", "", "node")), (UNKNOWN_POD, ("", "", "pod"))],
+)
+def test_loopback_flows_name_their_owner(owner: Identity, peer: tuple[str, str, str]) -> None:
+    raw = RawData()
+    raw.flows[(1, LOOPBACK)] = (5, 6)
+    snap = build(raw, {1: owner})
+    assert values(snap, m.FLOW_BYTES) == {
+        (*owner.labels, "sent", *peer): 5,
+        (*owner.labels, "received", *peer): 6,
+    }
 
 
 def test_flow_labels_match_the_family() -> None:
     raw = RawData()
-    raw.flows[(1, v4("10.0.0.1"))] = (1, 1)
+    raw.flows[(1, EXTERNAL)] = (1, 1)
     snap = build(raw, {1: DB})
     for s in snap.samples[m.FLOW_BYTES.name]:
         assert len(s.labels) == len(m.FLOW_BYTES.labels)
@@ -328,7 +314,7 @@ def test_every_sample_matches_its_family() -> None:
         resets_sent=1,
         resets_received=1,
     )
-    raw.flows[(1, v4("10.1.1.1"))] = (1, 1)
+    raw.flows[(1, EXTERNAL)] = (1, 1)
     raw.rtt[1] = {120: (1, 1)}
     raw.connect[1] = {120: (1, 1)}
     raw.requests[1] = {(1, 2, 1, 2): {120: (1, 1)}}
@@ -343,7 +329,7 @@ def test_every_sample_matches_its_family() -> None:
     raw.map_failures = {"m": 1}
     raw.map_entries = {"m": 1}
     pod = PodMeta(UID_A, "shop", WEB_NGINX.pod, "node-1", "web", "Deployment", ("10.1.0.5",), False, ())
-    snap = build_snapshot(raw, {1: WEB_NGINX}, StubClassifier({}), state, NOW, pods=[pod])
+    snap = build_snapshot(raw, {1: WEB_NGINX}, state, NOW, pods=[pod])
     specs = {s.name: s for s in m.ALL_FAMILIES}
     assert set(snap.samples) | set(snap.histograms) == set(specs), "every family filled"
     for name, samples in snap.samples.items():

@@ -1,4 +1,5 @@
-"""exporter.kernel.sockbytes: per-flow totals from live sockets and dead sockets' hand-overs.
+"""exporter.kernel.sockbytes with exporter.metrics.ledger: per-flow totals from live sockets
+and dead sockets' hand-overs.
 
 The kernel side is modelled: each socket counts its bytes in its slot, hands its totals
 over once when it dies (then its slot is given back), and a poll reads live slots first
@@ -15,11 +16,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.kernel.bpf_structs import TcpSockSlot
-from exporter.kernel.sockbytes import SocketBytes, SocketTotals, read_slot, read_slots
-from exporter.metrics.raw import UNTRACKED_PEER
+from exporter.kernel.sockbytes import SocketTotals, read_slot, read_slots, socket_counts
+from exporter.metrics.ledger import Ledger
+from exporter.metrics.raw import KernelRead
 
 PEER_A = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
 PEER_B = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 2])
+
+
+class SocketBytes:
+    """The exporter's path for per-socket counts: socket_counts, then the ledger."""
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+        self.gen = 0
+
+    def fold(
+        self, live: list[SocketTotals], finals: list[SocketTotals]
+    ) -> dict[tuple[int, bytes], tuple[int, int]]:
+        pieces, final = socket_counts(live, finals, self.ledger.committed_sockets)
+        self.gen += 1
+        read = KernelRead(generation=self.gen)
+        read.live.flows.update(pieces)
+        read.final.flows.update(final)
+        raw = self.ledger.apply(read, lambda addr: ("", addr.hex(), "address"))
+        self.ledger.committed_sockets = frozenset()  # the poller deleted them
+        return {(cg, bytes.fromhex(peer[1])): v for (cg, peer), v in raw.flows.items()}
 
 
 def t(sid: int, cg: int, peer: bytes, sent: int, received: int = 0) -> SocketTotals:
@@ -96,25 +118,26 @@ def test_read_slots_bulk_path_matches_field_by_field(cells: list[tuple[int, byte
     ],
 )
 def test_fold_table(polls: list[tuple[list[SocketTotals], list[SocketTotals]]], expected: list[int]) -> None:
-    sb = SocketBytes(max_flows=100)
+    sb = SocketBytes()
     out = {}
     for live, finals in polls:
         out = sb.fold(live, finals)
     assert [out[(5, PEER_A)][0]] == expected
 
 
-def test_flows_beyond_the_cap_keep_their_owner_exact() -> None:
-    sb = SocketBytes(max_flows=1)
-    out = sb.fold([], [t(1, 5, PEER_A, 10), t(2, 5, PEER_B, 20), t(3, 6, PEER_B, 1)])
-    assert out == {(5, PEER_A): (10, 0), (5, UNTRACKED_PEER): (20, 0), (6, UNTRACKED_PEER): (1, 0)}
-    assert sb.overflowed == 2
-
-
-def test_forget_drops_dead_cgroups_only() -> None:
-    sb = SocketBytes(max_flows=10)
-    sb.fold([], [t(1, 5, PEER_A, 10), t(2, 6, PEER_A, 20)])
-    assert sb.forget({5}) == 1
-    assert sb.fold([], []) == {(6, PEER_A): (20, 0)}
+def test_a_restart_between_save_and_delete_counts_each_dead_socket_once() -> None:
+    """The hand-overs read by the last poll may still be in the kernel after a restart:
+    the saved ledger lists them, and they are not added again."""
+    before = SocketBytes()
+    before.fold([], [t(1, 5, PEER_A, 10)])
+    after = SocketBytes()
+    after.ledger.totals = before.ledger.totals
+    after.ledger.committed_sockets = frozenset({1})
+    after.gen = before.gen
+    pieces, final = socket_counts(
+        [], [t(1, 5, PEER_A, 10), t(2, 5, PEER_A, 5)], after.ledger.committed_sockets
+    )
+    assert pieces == {} and list(final) == [(5, PEER_A, -2)]
 
 
 # ---- model-based: any interleaving of kernel events and polls --------------------------------------
@@ -184,7 +207,7 @@ step = st.one_of(
 @settings(max_examples=400)
 @given(st.lists(step, max_size=40))
 def test_any_interleaving_is_monotonic_and_exact_when_quiet(steps: list[tuple[str, list[Op]]]) -> None:
-    kernel, sb = Kernel(), SocketBytes(max_flows=100)
+    kernel, sb = Kernel(), SocketBytes()
     seen: dict[tuple[int, bytes], tuple[int, int]] = {}
     for kind, ops in steps:
         if kind == "op":

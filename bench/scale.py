@@ -47,6 +47,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -159,8 +160,9 @@ class PodCgroups:
         self.dirs.clear()
 
 
-def fill_maps(programs: Any, pods: list[BenchPod]) -> dict[str, int]:
-    """Write every pod's entries into the kernel maps; returns entries written per map."""
+def fill_maps(programs: Any, pods: list[BenchPod], gen: int = 0) -> dict[str, int]:
+    """Write every pod's entries into the kernel maps, in generation `gen` (what the programs
+    count in until the next poll); returns entries written per map."""
     from exporter.kernel import bpf_structs as bs
 
     written: dict[str, int] = {}
@@ -197,19 +199,19 @@ def fill_maps(programs: Any, pods: list[BenchPod]) -> dict[str, int]:
         i = pod.i
         peers = [pods[(i + PODS_PER_WORKLOAD) % n].ip, pods[(i + 3 * PODS_PER_WORKLOAD + 1) % n].ip]
         for peer in [*(bytes(10) + b"\xff\xff" + socket.inet_aton(ip) for ip in peers), external]:
-            key = bs.TcpFlowKey(cg, (ct.c_uint8 * 16).from_buffer_copy(peer))
+            key = bs.TcpFlowGenKey(bs.TcpFlowKey(cg, (ct.c_uint8 * 16).from_buffer_copy(peer)), gen, 0)
             put("tcp_traffic", "tcp_flow_bytes", key, {"sent": 1000 + i, "received": 2000 + i})
-        put("tcp_state", "tcp_conn_by_cgroup", bs.CgroupKey(cg), conn)
-        put("tcp_events", "tcp_events_by_cgroup", bs.CgroupKey(cg), events)
+        put("tcp_state", "tcp_conn_by_cgroup", bs.CgroupGenKey(cg, gen, 0), conn)
+        put("tcp_events", "tcp_events_by_cgroup", bs.CgroupGenKey(cg, gen, 0), events)
         for slot in RTT_SLOTS:
-            put("tcp_traffic", "tcp_rtt_hist", bs.HistKey(cg, slot, 0), hist)
+            put("tcp_traffic", "tcp_rtt_hist", bs.HistKey(cg, slot, gen), hist)
         for slot in CONNECT_SLOTS:
-            put("tcp_state", "tcp_connect_duration_hist", bs.HistKey(cg, slot, 0), hist)
+            put("tcp_state", "tcp_connect_duration_hist", bs.HistKey(cg, slot, gen), hist)
         if request_key is not None and "request_hist" in bs.MAP_TYPES:
             # (role, protocol, method, status class) codes: a server and a client GET, 2xx.
             for role in (1, 2):
                 for slot in REQUEST_SLOTS:
-                    put("tcp_traffic", "request_hist", request_key(cg, role, 2, 1, 2, slot), hist)
+                    put("tcp_traffic", "request_hist", request_key(cg, role, 2, 1, 2, slot, gen, 0), hist)
         elif request_key is not None:  # the layout before request_hist
             for role in (1, 2):
                 put("tcp_traffic", "requests_by_cgroup", request_key(cg, role, 2, 1, 2, 0), 7)
@@ -445,6 +447,9 @@ def run_one(
         per_poll: list[dict[str, float]] = []
         rendered = None
         for k in range(polls + 1):
+            # Every pod active in every interval (the worst case): the programs have counted
+            # into the current generation since the last poll. Not timed: kernel work.
+            fill_maps(programs, pods, gen=parts.reader.generation)
             stages.current = {}
             wall0, cpu0 = time.perf_counter(), time.thread_time()
             rendered = poller.poll_once()
@@ -456,6 +461,20 @@ def run_one(
                 per_poll.append(dict(stages.current))
         assert rendered is not None
         snapshots.current = rendered
+        # Saving the totals after a poll (exporter.app.checkpoint; the poller does it when
+        # maps are pinned, which this benchmark's programs are not).
+        from exporter.app.checkpoint import Checkpoint, SavedState
+
+        with tempfile.TemporaryDirectory() as tmp:
+            saver = Checkpoint(tmp, "bench")
+            saved = SavedState(poller.ledger, poller.retired, poller.counters_since)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                assert saver.save(saved, (1,))
+                times.append(time.perf_counter() - t0)
+            out["checkpoint_save"] = summary(times)
+            out["checkpoint_bytes"] = saver.path.stat().st_size
         # Memory as the exporter holds it between polls (before anything reads a plain body).
         out["rss_polled_kib"] = vm_kib("VmRSS")
         out["rss_anon_polled_kib"] = vm_kib("RssAnon")

@@ -27,7 +27,7 @@ from exporter.kernel.bpfstats import prog_run_stats, stats_enabled
 from exporter.kernel.maps import MapReader
 from exporter.kernel.programs import LoadedPrograms
 from exporter.metrics.ledger import Ledger
-from exporter.metrics.lifecycle import Retired, drop_from_raw
+from exporter.metrics.lifecycle import Retired
 from exporter.metrics.model import EMPTY_SNAPSHOT, Snapshot
 from exporter.metrics.peers import PeerResolver
 from exporter.metrics.raw import KernelRead, RawData
@@ -212,7 +212,7 @@ class Poller:
         gone += [cg for cg in unnamed if cg not in still_counting]
         if gone:
             self.ledger.forget(gone)
-            drop_from_raw(raw, gone)
+            raw.drop(gone)
         live = {identities[cg] for cg in raw.cgroups if cg in identities}
         live |= {identities[cg] for cg, _ in raw.flows if cg in identities}
 

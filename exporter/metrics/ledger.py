@@ -125,14 +125,7 @@ class Ledger:
     def forget(self, cgroups: Iterable[int]) -> None:
         """Drop the totals of cgroups that are gone (the caller keeps what it needs)."""
         gone = set(cgroups)
-        t = self.totals
-        for cg in gone:
-            t.cgroups.pop(cg, None)
-            t.rtt.pop(cg, None)
-            t.connect.pop(cg, None)
-            t.requests.pop(cg, None)
-        for key in [k for k in t.flows if k[0] in gone]:
-            del t.flows[key]
+        self.totals.drop(gone)
         self.peers = {s: p for s, p in self.peers.items() if s[0] not in gone}
 
     def seed_active(self, active: dict[int, tuple[int, int]]) -> None:

@@ -9,7 +9,7 @@ disappear.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
@@ -110,14 +110,3 @@ class Retired:
         merged = dict(identities)
         merged.update({syn: ident for ident, syn in self.ids.items()})
         return merged
-
-
-def drop_from_raw(raw: RawData, dead: Iterable[int]) -> None:
-    gone = set(dead)
-    for cg in gone:
-        raw.cgroups.pop(cg, None)
-        raw.rtt.pop(cg, None)
-        raw.connect.pop(cg, None)
-        raw.requests.pop(cg, None)
-    for key in [k for k in raw.flows if k[0] in gone]:
-        del raw.flows[key]

@@ -8,6 +8,7 @@ here so that turning raw data into metrics needs nothing from exporter.kernel.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,17 @@ class RawData:
     are the request counts)."""
     map_failures: dict[str, int] = field(default_factory=dict)
     map_entries: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, owners: Iterable[int]) -> None:
+        """Remove everything of these cgroup ids."""
+        gone = set(owners)
+        for cg in gone:
+            self.cgroups.pop(cg, None)
+            self.rtt.pop(cg, None)
+            self.connect.pop(cg, None)
+            self.requests.pop(cg, None)
+        for key in [k for k in self.flows if k[0] in gone]:
+            del self.flows[key]
 
 
 FlowSource = tuple[int, bytes, int]

@@ -140,6 +140,14 @@ class ExporterProcess:
         return self.proc.returncode
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory (VmRSS), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def new_state_dirs() -> tuple[str, str]:
     """(pin dir, state dir) of one exporter's state, unique to it."""
     import tempfile

@@ -20,10 +20,9 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from exporter_proc import ExporterProcess, Scrape
+from exporter_proc import ExporterProcess, Scrape, rss_kib
 from kernel_maps import cgroups_in_maps
 from podsim import SimCluster, SimPod, traffic_argv, wait_for_file
 
@@ -75,13 +74,6 @@ def churn_client(home: str, netns: str, host: str, port: int) -> int:
             _move_self(home)  # the pod's cgroup must be empty to be removed
         print("ok", flush=True)
     return 0
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def pod_series(s: Scrape, pods: list[SimPod]) -> list[tuple[str, dict[str, str]]]:

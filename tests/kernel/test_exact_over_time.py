@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from exporter_proc import ExporterProcess, Scrape, new_state_dirs, reset
+from exporter_proc import ExporterProcess, Scrape, new_state_dirs, reset, rss_kib
 from podsim import SimCluster, SimPod, ready_path, server_argv, traffic_argv, wait_for_file
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
@@ -277,13 +277,6 @@ def crawl(peers: int, port: int) -> int:
         done += 1
     print(json.dumps({"peers": done}), flush=True)
     return 0
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_one_pod_meeting_100000_peers_leaves_other_flows_exact_and_state_bounded(

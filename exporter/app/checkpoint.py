@@ -13,6 +13,7 @@ the ones these totals came from: both are discarded and counting starts afresh.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import marshal
 import os
@@ -49,6 +50,51 @@ class SavedState:
     retired: Retired
     counters_since: float
     """Unix time the totals started from zero: the start time of every cumulative series."""
+
+
+class StateLockError(Exception):
+    """Fatal at start-up: another exporter uses this state. One line with the fix."""
+
+
+class StateLock:
+    """One exporter per pinned state: two would each take and delete the kernel's final
+    entries, and each would miss what the other took. Held (flock) for the process's
+    life; a second exporter waits for it (a DaemonSet surge upgrade starts the new pod
+    before the old one has gone), then gives up with one line."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "lock")
+        self._fd = -1
+
+    def acquire(self, timeout: float, poll: float = 0.5) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StateLockError(
+                        f"another podnet-exporter (pid {holder}) uses {os.path.dirname(self.path)}: stop it, "
+                        "or give this one its own --state-dir and --pin-dir"
+                    ) from None
+                if not logged:
+                    logged = True
+                    log.warning("waiting for the exporter holding %s (pid %s) to exit", self.path, holder)
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Checkpoint:

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from exporter.app.checkpoint import StateLock, StateLockError
 from exporter.app.config import ConfigError, parse_args, resolve
 from exporter.app.service import ServeError, serve
 from exporter.kernel.btf import Btf, BtfError
@@ -30,7 +31,16 @@ from exporter.pods.cgroups import CgroupError
 from exporter.pods.pods import PodsFileError
 
 _PROG = "podnet-exporter"
-FATAL = (ConfigError, BtfError, CgroupError, PodsFileError, ProgramLoadError, ServeError, PinError)
+FATAL = (
+    ConfigError,
+    BtfError,
+    CgroupError,
+    PodsFileError,
+    ProgramLoadError,
+    ServeError,
+    PinError,
+    StateLockError,
+)
 
 
 def _setup_logging(level: str) -> None:
@@ -77,7 +87,9 @@ def bpf_source(preprocessed: bool) -> int:
 
 def reset(pin_dir: str, state_dir: str) -> int:
     """Remove every pinned map and program under `pin_dir` (detaching the programs) and
-    the totals saved in `state_dir`."""
+    the totals saved in `state_dir`. Refused while an exporter uses them."""
+    lock = StateLock(state_dir)
+    lock.acquire(timeout=0)
     removed = []
     if pin_dir and os.path.isdir(pin_dir):
         for name in sorted(os.listdir(pin_dir)):

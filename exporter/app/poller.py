@@ -117,6 +117,8 @@ class PollerParts:
     saved: SavedState | None = None
     """The totals a previous exporter saved for the pinned maps in use, if any."""
     counters_since: float = field(default_factory=time.time)
+    startup_errors: dict[str, int] = field(default_factory=dict)
+    """Errors of start-up steps that were survived, by stage (podnet_exporter_errors_total)."""
 
 
 class FileSourceHealth:
@@ -150,7 +152,7 @@ class Poller:
         self.parts = parts
         self.snapshots = snapshots
         self.interval = interval
-        self.errors: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter(parts.startup_errors)
         self._logged: set[str] = set()
         self._polls = 0
         # The last snapshot built: which series are exported (they keep priority under the

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from exporter.app.checkpoint import Checkpoint, SavedState
+from exporter.app.checkpoint import Checkpoint, SavedState, StateLock
 from exporter.app.config import Config
 from exporter.app.poller import Poller, PollerParts, settle_heap
 from exporter.export.http_app import SNAPSHOTS, SnapshotStore, add_routes
@@ -35,6 +35,8 @@ from exporter.pods.metadata import PodsFileSource, PodStore
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
+STATE_LOCK_WAIT = 120.0
+"""Seconds a new exporter waits for the one still holding the state (a surge upgrade)."""
 POLLER = web.AppKey("poller", Poller)
 
 
@@ -60,6 +62,7 @@ def build_parts(config: Config) -> PollerParts:
     sizes = MapSizes(config.map_entries)
     pins, checkpoint, saved = open_state(config, offsets, sizes)
     seed = ConnectionSeed()
+    seed_failures = 0
     programs = load_programs(
         btf,
         offsets,
@@ -74,6 +77,7 @@ def build_parts(config: Config) -> PollerParts:
     if seed.ran:
         # tcp_state starts with no connection tracked: the ones that exist are counted anew.
         saved.ledger.seed_active(seed.settle())
+        seed_failures = len(seed.errors)
     if programs.adopted:
         log.info(
             "continuing the counts of the programs left attached in %s: %s",
@@ -101,6 +105,7 @@ def build_parts(config: Config) -> PollerParts:
         kube=kube,
         checkpoint=checkpoint if pins is not None else None,
         saved=saved,
+        startup_errors={"seed_connections": seed_failures} if seed_failures else {},
     )
 
 
@@ -115,6 +120,8 @@ def open_state(
     digest = state_digest(offsets, sizes, config.requests)
     pins = Pins(config.pin_dir, digest)
     checkpoint = Checkpoint(config.state_dir, digest)
+    # Held until the process exits (the kernel drops the lock with the fd).
+    StateLock(config.state_dir).acquire(timeout=STATE_LOCK_WAIT)
     pins.prepare()
     for old in pins.discard_others():
         log.warning(

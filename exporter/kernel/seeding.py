@@ -12,8 +12,10 @@ sockets again and deletes the entries of those that are gone: where the delete s
 the kernel did not count the close, and the socket is not counted as active; where it
 fails, the kernel got there first (and counted the close), so the socket is.
 
-Known limit: a connection established between the listing and the attach (a few
-milliseconds) is counted by neither.
+Known limits: a connection established between the listing and the attach (a few
+milliseconds) is counted by neither; entering another network namespace needs
+CAP_SYS_ADMIN, so without it only the exporter's own namespace is listed (a WARNING
+says so, and podnet_exporter_errors_total{stage="seed_connections"} counts the others).
 """
 
 from __future__ import annotations
@@ -74,11 +76,18 @@ class ConnectionSeed:
                     pass  # the kernel counted its close: it was active until then
             o, i = out.get(s.cgroup_id, (0, 0))
             out[s.cgroup_id] = (o, i + 1) if s.inbound else (o + 1, i)
-        for line in self.errors[:5]:
-            log.warning("listing existing connections: %s", line)
+        failed = len(self.errors)
+        if failed:
+            log.warning(
+                "could not list the connections of %d network namespace(s) (first: %s): connections opened "
+                "there before this fresh start are not counted in podnet_tcp_active_connections (listing "
+                "another namespace's sockets needs CAP_SYS_ADMIN); counted in "
+                'podnet_exporter_errors_total{stage="seed_connections"}',
+                failed,
+                self.errors[0],
+            )
         log.info(
-            "%d connections open before the start are counted as active (%d namespaces failed)",
+            "%d connections open before the start are counted as active",
             sum(o + i for o, i in out.values()),
-            len(self.errors),
         )
         return out

@@ -213,6 +213,37 @@ def test_sigkill_mid_traffic_then_restart_loses_nothing_and_resets_nothing(
         server.kill()
 
 
+def test_a_surge_upgrade_waits_for_the_old_exporter_then_continues_its_counts(
+    cluster: SimCluster, tmp_path: Path, state: tuple[str, str]
+) -> None:
+    """Two exporters on one state would each take the kernel's final entries and miss the
+    other's: the new one waits until the old one has gone, then adopts its programs."""
+    pods_file = str(tmp_path / "pods.json")
+    a = cluster.add_pod("client-1", workload="client")
+    b = cluster.add_pod("server-1", workload="server")
+    cluster.write_pods_file(pods_file)
+    old = start(pods_file, state)
+    new = ExporterProcess(["--pods-file", pods_file, "--poll-interval", "0.2"], state=state)
+    try:
+        server = serve(b, 8400, 2)
+        send(a, b.ip, 8400, 5000)
+        deadline = time.monotonic() + 30
+        while "waiting for the exporter holding" not in new.log():
+            assert time.monotonic() < deadline, new.log()
+            time.sleep(0.1)
+        assert new.proc.poll() is None, "waiting, not failed"
+        assert old.stop() == 0
+        new.wait_ready()
+        send(a, b.ip, 8400, 7000)
+        finish(server)
+        s = new.fresh_scrape(polls=3)
+        assert s.value(SENT, **labels(a)) == 12_000
+        assert "continuing the counts" in new.log()
+    finally:
+        old.stop()
+        new.stop()
+
+
 def test_fresh_start_counts_open_connections_as_active(
     cluster: SimCluster, tmp_path: Path, state: tuple[str, str]
 ) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import marshal
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from exporter.app import checkpoint as cp
-from exporter.app.checkpoint import Checkpoint, SavedState
+from exporter.app.checkpoint import Checkpoint, SavedState, StateLock, StateLockError
 from exporter.metrics.ledger import Ledger
 from exporter.metrics.lifecycle import Retired
 from exporter.metrics.raw import CgroupCounters
@@ -114,3 +115,17 @@ def test_a_failed_save_is_counted_logged_once_and_leaves_the_old_file(
     assert caplog.text.count("cannot save totals") == 1
     assert c.path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".totals-")] == []
+
+
+def test_one_exporter_per_state(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = StateLock(str(tmp_path / "state"))
+    first.acquire(timeout=0)
+    second = StateLock(str(tmp_path / "state"))
+    with pytest.raises(
+        StateLockError, match=rf"another podnet-exporter \(pid {os.getpid()}\) uses .*--state-dir"
+    ):
+        second.acquire(timeout=0.2, poll=0.05)
+    assert "waiting for the exporter holding" in caplog.text
+    first.release()
+    second.acquire(timeout=0)
+    second.release()

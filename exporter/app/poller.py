@@ -166,9 +166,6 @@ class Poller:
         self.counters_since = saved.counters_since if saved is not None else parts.counters_since
         pins = parts.programs.pins
         self._gen_maps = pins.generation_map_ids() if pins is not None else ()
-        self._dying: dict[int, Identity] = {}
-        """Dead cgroups whose last counts are still in the kernel: their identity, kept
-        until those counts are final and the cgroup is retired."""
         self.otlp_stats: Callable[[], tuple[int, int, float] | None] = lambda: None
         self.file_health = FileSourceHealth() if parts.pods_file is not None else None
         self._build = (
@@ -200,18 +197,18 @@ class Poller:
         them, keep them while their pod lives, and merge what is kept into this poll's
         data."""
         p = self.parts
+        self.ledger.name(identities)
         dead = p.resolver.dead(ids)
-        unnamed = [cg for cg in dead if cg not in identities and cg not in self._dying]
+        # A dead cgroup keeps the name it was last known by (saved with the totals: it may
+        # have died while no exporter ran) until the kernel holds nothing more of it.
         for cg in dead:
-            if cg in identities:
-                self._dying[cg] = identities[cg]
+            if cg not in identities and cg in self.ledger.names:
+                identities[cg] = self.ledger.names[cg]
         still_counting = read.live.owners()
-        gone = [cg for cg in self._dying if cg not in still_counting]
+        gone = [cg for cg in dead if cg not in still_counting]
         for cg in gone:
-            self.retired.absorb(raw, cg, self._dying.pop(cg))
-        for cg, ident in self._dying.items():
-            identities.setdefault(cg, ident)
-        gone += [cg for cg in unnamed if cg not in still_counting]
+            if cg in identities:
+                self.retired.absorb(raw, cg, identities[cg])
         if gone:
             self.ledger.forget(gone)
             raw.drop(gone)

@@ -13,11 +13,12 @@ the address is reused later.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 from exporter.metrics.raw import CgroupCounters, Counts, FlowSource, KernelRead, RawData, Slots
+from exporter.pods.identity import Identity
 
 PeerLabels = tuple[str, str, str]
 """(peer_namespace, peer_workload, peer_kind) of a flow."""
@@ -70,6 +71,14 @@ class Ledger:
     committed_sockets: frozenset[int] = frozenset()
     """Dead sockets whose totals are in `totals` but may still be in the kernel (not yet
     deleted, e.g. the exporter stopped in between): not to be added again."""
+    names: dict[int, Identity] = field(default_factory=dict)
+    """The last identity each cgroup with totals was known by: a cgroup that died (while
+    the exporter was down, say) can no longer be resolved, and its totals still belong
+    to its pod."""
+
+    def name(self, identities: Mapping[int, Identity]) -> None:
+        """Remember who the cgroups of this poll are."""
+        self.names.update(identities)
 
     def apply(self, read: KernelRead, classify: Callable[[bytes], PeerLabels]) -> RawData:
         """Add `read`'s final pieces to the totals; returns totals plus live pieces (a new
@@ -126,6 +135,8 @@ class Ledger:
         """Drop the totals of cgroups that are gone (the caller keeps what it needs)."""
         gone = set(cgroups)
         self.totals.drop(gone)
+        for cg in gone:
+            self.names.pop(cg, None)
         self.peers = {s: p for s, p in self.peers.items() if s[0] not in gone}
 
     def seed_active(self, active: dict[int, tuple[int, int]]) -> None:
@@ -222,6 +233,7 @@ def encode_ledger(ledger: Ledger) -> dict[str, Any]:
         "peers": dict(ledger.peers),
         "committed_through": ledger.committed_through,
         "committed_sockets": tuple(ledger.committed_sockets),
+        "names": {cg: encode_identity(ident) for cg, ident in ledger.names.items()},
     }
 
 
@@ -231,18 +243,34 @@ def decode_ledger(d: Any) -> Ledger:
         for (cg, peer, source), labels in _items(d["peers"]):
             if not isinstance(peer, bytes) or len(peer) != 16:
                 raise ValueError("bad peer address")
-            names = tuple(labels)
-            if len(names) != 3 or not all(isinstance(x, str) for x in names):
+            three = tuple(labels)
+            if len(three) != 3 or not all(isinstance(x, str) for x in three):
                 raise ValueError("bad peer labels")
-            peers[(_int(cg), peer, _int(source))] = (names[0], names[1], names[2])
+            peers[(_int(cg), peer, _int(source))] = (three[0], three[1], three[2])
+        names = {_int(cg): decode_identity(fields) for cg, fields in _items(d["names"])}
         return Ledger(
             decode_raw(d["totals"]),
             peers,
             _int(d["committed_through"]),
             frozenset(_ints(d["committed_sockets"], None)),
+            names,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed totals: {e}") from None
+
+
+def encode_identity(ident: Identity) -> tuple[str | None, ...]:
+    return astuple(ident)
+
+
+def decode_identity(fields: Any) -> Identity:
+    """From encode_identity; ValueError on anything else."""
+    ns, pod, container, workload, kind, uid = fields
+    if not all(isinstance(x, str) for x in (ns, pod, container, workload, kind)) or not (
+        uid is None or isinstance(uid, str)
+    ):
+        raise ValueError("bad identity")
+    return Identity(ns, pod, container, workload, kind, uid)
 
 
 def _items(d: Any) -> Any:

@@ -10,10 +10,17 @@ disappear.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.metrics.ledger import add_counters, add_slots, decode_raw, encode_raw
+from exporter.metrics.ledger import (
+    add_counters,
+    add_slots,
+    decode_identity,
+    decode_raw,
+    encode_identity,
+    encode_raw,
+)
 from exporter.metrics.raw import RawData
 from exporter.pods.identity import Identity
 
@@ -60,7 +67,7 @@ class Retired:
     def encode(self) -> dict[str, Any]:
         return {
             "data": encode_raw(self.data),
-            "ids": {astuple(ident): syn for ident, syn in self.ids.items()},
+            "ids": {encode_identity(ident): syn for ident, syn in self.ids.items()},
             "dropped": self.dropped,
         }
 
@@ -70,14 +77,9 @@ class Retired:
         try:
             ids: dict[Identity, int] = {}
             for fields, syn in d["ids"].items():
-                ns, pod, container, workload, kind, uid = fields
-                if not all(isinstance(x, str) for x in (ns, pod, container, workload, kind)) or not (
-                    uid is None or isinstance(uid, str)
-                ):
-                    raise ValueError("bad identity")
                 if type(syn) is not int or syn >= 0:
                     raise ValueError("bad synthetic id")
-                ids[Identity(ns, pod, container, workload, kind, uid)] = syn
+                ids[decode_identity(fields)] = syn
             dropped = d["dropped"]
             if type(dropped) is not int:
                 raise ValueError("bad count")

@@ -213,6 +213,34 @@ def test_sigkill_mid_traffic_then_restart_loses_nothing_and_resets_nothing(
         server.kill()
 
 
+def test_a_container_restarted_while_no_exporter_runs_keeps_its_pods_totals(
+    cluster: SimCluster, tmp_path: Path, state: tuple[str, str]
+) -> None:
+    """The dead container's cgroup can no longer be resolved when the exporter comes back:
+    its totals stay with its pod under the name saved with them."""
+    pods_file = str(tmp_path / "pods.json")
+    a = cluster.add_pod("restarted-1", workload="restarted")
+    b = cluster.add_pod("peer-1", workload="peer")
+    cluster.write_pods_file(pods_file)
+    first = start(pods_file, state)
+    server = serve(b, 8500, 2)
+    send(a, b.ip, 8500, 3000)
+    assert first.fresh_scrape(polls=3).value(SENT, **labels(a)) == 3000
+    first.stop(signal.SIGKILL)
+    cluster.restart_container(a)
+    cluster.write_pods_file(pods_file)
+    second = start(pods_file, state)
+    try:
+        send(a, b.ip, 8500, 500)
+        finish(server)
+        s = second.fresh_scrape(polls=4)
+        assert s.value(SENT, **labels(a)) == 3500, second.log()
+        assert len(s.series(SENT, **labels(a))) == 1
+        assert flow(s, a, peer_workload="peer") == 3500
+    finally:
+        second.stop()
+
+
 def test_a_surge_upgrade_waits_for_the_old_exporter_then_continues_its_counts(
     cluster: SimCluster, tmp_path: Path, state: tuple[str, str]
 ) -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from exporter.metrics.ledger import LOOPBACK, Ledger, decode_ledger, decode_raw, encode_ledger, encode_raw
 from exporter.metrics.raw import CgroupCounters, KernelRead, RawData
+from exporter.pods.identity import Identity
 
 A = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
 B = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 2])
@@ -90,7 +91,9 @@ def test_forget_and_seed_active() -> None:
     r = read(5, final={(1, A, 3): (1, 0), (2, A, 3): (2, 0)})
     r.final.cgroups[1] = CgroupCounters(active=[3, 1])
     ledger.apply(r, fixed({}))
+    ledger.name({1: Identity("a", "b", "c", "d", "e"), 2: Identity("f", "g", "h", "i", "j")})
     ledger.forget([2])
+    assert set(ledger.names) == {1}
     assert set(ledger.totals.cgroups) == {1} and set(ledger.totals.flows) == {(1, EXTERNAL)}
     ledger.seed_active({1: (2, 0), 9: (0, 4)})
     assert ledger.totals.cgroups[1].active == [2, 0]
@@ -194,7 +197,11 @@ def test_raw_data_survives_encoding(raw: RawData) -> None:
 def test_ledger_survives_encoding() -> None:
     ledger = Ledger()
     ledger.apply(read(9, live={(1, A, 8): (1, 2), (1, B, -4): (3, 4)}, final={(1, A, 6): (5, 6)}), fixed({}))
+    ledger.name(
+        {1: Identity("shop", "web-1", "app", "web", "Deployment", "uid-1"), 2: Identity("", "", "x", "", "")}
+    )
     again = decode_ledger(encode_ledger(ledger))
+    assert again.names == ledger.names
     assert again.peers == ledger.peers
     assert again.committed_through == 7 and again.committed_sockets == ledger.committed_sockets
     assert plain(again.totals) == plain(ledger.totals)

@@ -67,6 +67,9 @@ class Exporter:
                 f"127.0.0.1:{self.port}",
                 "--poll-interval",
                 str(poll),
+                # Measured "without" runs need the programs gone when it stops: no pins.
+                "--pin-dir",
+                "none",
                 *extra,
             ],
             cwd=REPO,

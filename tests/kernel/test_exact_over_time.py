@@ -311,6 +311,31 @@ def test_fresh_start_counts_open_connections_as_active(
         server.kill()
 
 
+def test_pins_asked_for_where_there_is_no_bpffs_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "run",
+            "--listen",
+            "127.0.0.1:1",
+            "--pin-dir",
+            str(tmp_path / "pins"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        cwd=HERE.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "is not a bpf filesystem" in lines[0] and "--pin-dir none" in lines[0], lines[0]
+
+
 # ---- 100,000 peers ---------------------------------------------------------------------------------
 
 PEERS = 100_000

@@ -96,6 +96,8 @@ BAD_ARGS: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("non-numeric poll interval", ["run", "--poll-interval", "abc"], ("--poll-interval", "abc")),
     ("zero poll interval", ["run", "--poll-interval", "0"], ("--poll-interval",)),
     ("missing pods file", ["run", "--pods-file", "/nonexistent"], ("--pods-file", "/nonexistent")),
+    ("relative pin dir", ["run", "--pin-dir", "bpf/podnet"], ("--pin-dir", "absolute", "none")),
+    ("empty state dir", ["run", "--state-dir", " "], ("--state-dir", "/run/podnet")),
     ("histogram scale", ["run", "--histogram-scale", "3"], ("--histogram-scale",)),
     ("map entries", ["run", "--map-entries", "10"], ("--map-entries",)),
     ("log level", ["run", "--log-level", "loud"], ("--log-level",)),

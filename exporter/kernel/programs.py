@@ -296,10 +296,6 @@ class LoadedPrograms:
         for label in list(self.links):
             _close_link(self.links.pop(label, None))
 
-    @property
-    def pinned(self) -> bool:
-        return self.pins is not None
-
     def unmap_socket_slots(self, program: str) -> None:
         mapped = self.socket_slots.pop(program, None)
         if mapped is not None:

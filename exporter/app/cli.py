@@ -90,17 +90,21 @@ def reset(pin_dir: str, state_dir: str) -> int:
     the totals saved in `state_dir`. Refused while an exporter uses them."""
     lock = StateLock(state_dir)
     lock.acquire(timeout=0)
-    removed = []
+    builds, totals = [], []
     if pin_dir and os.path.isdir(pin_dir):
         for name in sorted(os.listdir(pin_dir)):
             remove_tree(os.path.join(pin_dir, name))
-            removed.append(os.path.join(pin_dir, name))
+            builds.append(os.path.join(pin_dir, name))
     if os.path.isdir(state_dir):
         for name in sorted(os.listdir(state_dir)):
             if name.startswith(("totals-", ".totals-")):
                 os.unlink(os.path.join(state_dir, name))
-                removed.append(os.path.join(state_dir, name))
-    print(f"removed {len(removed)} pinned build(s) and saved totals" + "".join(f"\n  {r}" for r in removed))
+                totals.append(os.path.join(state_dir, name))
+    listed = "".join(f"\n  {path}" for path in builds + totals)
+    print(
+        f"removed {len(builds)} pinned build(s), their programs detached, "
+        f"and {len(totals)} totals file(s){listed}"
+    )
     return 0
 
 

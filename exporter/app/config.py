@@ -111,6 +111,8 @@ class Config:
     """Directory of the totals saved after each poll."""
     fresh: bool = False
     """Discard a previous run's pinned state and saved totals at start-up."""
+    ready_stale_polls: int = 3
+    """/readyz fails once the last successful poll is older than this many intervals."""
 
 
 # --- where a value came from ----------------------------------------------------------------------------

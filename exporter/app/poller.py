@@ -28,7 +28,7 @@ from exporter.kernel.maps import MapReader
 from exporter.kernel.programs import LoadedPrograms
 from exporter.metrics.ledger import Ledger
 from exporter.metrics.lifecycle import Retired
-from exporter.metrics.model import EMPTY_SNAPSHOT, Snapshot
+from exporter.metrics.model import EMPTY_SNAPSHOT, ERRORS, Sample, Snapshot
 from exporter.metrics.peers import PeerResolver
 from exporter.metrics.raw import KernelRead, RawData
 from exporter.metrics.snapshot import ExporterState, build_snapshot
@@ -303,6 +303,18 @@ class Poller:
             return
         self.ledger.committed_sockets = frozenset()
 
+    def render_errors(self) -> Rendered:
+        """After a failed poll: the last good snapshot with the error counters as they are
+        now, so the failure is visible in /metrics (the last poll timestamp stays that of
+        the last good poll, and /readyz turns 503 once it is too old)."""
+        prev = self._previous
+        samples = dict(prev.samples)
+        samples[ERRORS.name] = tuple(Sample((stage,), float(n)) for stage, n in sorted(self.errors.items()))
+        snap = Snapshot.build(
+            prev.taken_at, samples, prev.histograms, prev.pod_uids, counters_since=prev.counters_since
+        )
+        return self.parts.exposition.render(snap)
+
     def _metadata_states(self) -> tuple[MetadataSourceState, ...]:
         states = []
         if self.parts.kube is not None:
@@ -326,9 +338,14 @@ class Poller:
                 raise
             except Exception as e:
                 self._error("poll", e)
+                try:
+                    self.snapshots.current = await asyncio.to_thread(self.render_errors)
+                except Exception as again:
+                    self._error("render", again)
             else:
                 self.snapshots.current = rendered
                 self.snapshots.polls += 1
+                self.snapshots.last_success = loop.time()
                 self.snapshots.ready.set()
             # Fixed-rate schedule: a slow poll shortens the wait instead of drifting.
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))

@@ -148,7 +148,7 @@ def open_state(
 async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     parts = await asyncio.to_thread(build_parts, config)
-    snapshots = SnapshotStore(parts.exposition)
+    snapshots = SnapshotStore(parts.exposition, stale_after=config.ready_stale_polls * config.poll_interval)
     app[SNAPSHOTS] = snapshots
     poller = Poller(parts, snapshots, config.poll_interval)
     app[POLLER] = poller

@@ -92,6 +92,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _S("max_series", "N", "cap on exported series (default 10000)", "`10000`",
        "cap on series per metric family; beyond it new label sets are dropped and counted",
        _integer("must be a whole number >= 1", 1), 10000),
+    _S("ready_stale_polls", "N", "/readyz fails once the last successful poll is older than N intervals "
+       "(default 3)", "`3`", "`/readyz` answers 503 once the last successful poll is older than this many "
+       "poll intervals (`/healthz` stays liveness)", _integer("must be a whole number >= 1", 1), 3),
     _S("map_entries", "N", f"BPF map size, {_MIN_MAP_ENTRIES}-{_MAX_MAP_ENTRIES} (default 65536)", "`65536`",
        "size of the per-owner kernel maps (sockets, flows, histograms scale from it)",
        _integer(f"must be a whole number from {_MIN_MAP_ENTRIES} to {_MAX_MAP_ENTRIES}", _MIN_MAP_ENTRIES,

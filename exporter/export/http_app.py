@@ -14,10 +14,22 @@ from exporter.metrics.model import EMPTY_SNAPSHOT
 class SnapshotStore:
     """Latest rendered snapshot. Replaced whole by the poller; readers never block."""
 
-    def __init__(self, exposition: Exposition) -> None:
+    def __init__(self, exposition: Exposition, stale_after: float | None = None) -> None:
         self.current: Rendered = exposition.render(EMPTY_SNAPSHOT)
         self.ready = asyncio.Event()
         self.polls = 0
+        self.last_success = 0.0
+        """Event-loop time of the last successful poll."""
+        self.stale_after = stale_after
+        """Seconds after the last successful poll at which /readyz turns 503; None: never."""
+
+    def not_ready(self, now: float) -> str:
+        """Why /readyz should fail at loop time `now`, "" when ready."""
+        if not self.ready.is_set():
+            return "first poll has not completed"
+        if self.stale_after is not None and now - self.last_success > self.stale_after:
+            return f"the last successful poll was {now - self.last_success:.0f} s ago"
+        return ""
 
 
 SNAPSHOTS = web.AppKey("snapshots", SnapshotStore)
@@ -83,9 +95,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[SNAPSHOTS].ready.is_set():
+    why = request.app[SNAPSHOTS].not_ready(asyncio.get_running_loop().time())
+    if not why:
         return web.Response(text="ready\n")
-    return web.Response(status=503, text="not ready: first poll has not completed\n")
+    return web.Response(status=503, text=f"not ready: {why}\n")
 
 
 async def index(request: web.Request) -> web.Response:

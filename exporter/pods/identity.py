@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from exporter.pods.cgroups import CgroupIndex, CgroupRef, parse_cgroup_path
+from exporter.pods.labelvalues import clean
 from exporter.pods.metadata import PodStore
 
 
@@ -19,6 +20,14 @@ class Identity:
     workload: str
     workload_kind: str
     pod_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        # Names come from cgroup directories and pod metadata: any bytes (labelvalues).
+        for name in ("namespace", "pod", "container", "workload", "workload_kind"):
+            value = getattr(self, name)
+            fixed = clean(value)
+            if fixed is not value:
+                object.__setattr__(self, name, fixed)
 
     @property
     def labels(self) -> tuple[str, str, str, str, str]:

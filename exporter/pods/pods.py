@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.pods.labelvalues import clean
+
 __all__ = [
     "PodMeta",
     "PodMetadataError",
@@ -316,14 +318,14 @@ def pod_from_json(obj: object) -> PodMeta:
 
     return PodMeta(
         uid=uid,
-        namespace=namespace,
-        name=name,
-        node=node,
-        workload=workload,
-        workload_kind=workload_kind,
+        namespace=clean(namespace),
+        name=clean(name),
+        node=clean(node),
+        workload=clean(workload),
+        workload_kind=clean(workload_kind),
         pod_ips=() if host_network else tuple(ips),
         host_network=host_network,
-        containers=tuple(containers),
+        containers=tuple((cid, clean(cname)) for cid, cname in containers),
         static_uid=_kubelet_uid(mirror) if mirror else None,
         phase=phase,
     )

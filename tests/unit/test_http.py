@@ -245,3 +245,27 @@ def test_head_metrics() -> None:
         assert await resp.read() == b""
 
     run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("ready", "last_success", "now", "stale_after", "why"),
+    [
+        (False, 0.0, 10.0, 15.0, "first poll has not completed"),
+        (True, 100.0, 110.0, 15.0, ""),
+        (True, 100.0, 115.0, 15.0, ""),
+        (True, 100.0, 116.0, 15.0, "the last successful poll was 16 s ago"),
+        (True, 100.0, 10_000.0, None, ""),
+    ],
+)
+def test_readiness_follows_the_last_successful_poll(
+    ready: bool, last_success: float, now: float, stale_after: float | None, why: str
+) -> None:
+    from exporter.export.http_app import SnapshotStore
+    from exporter.export.prometheus import Exposition
+    from exporter.metrics.model import BucketLayout
+
+    store = SnapshotStore(Exposition(BucketLayout(0)), stale_after=stale_after)
+    if ready:
+        store.ready.set()
+    store.last_success = last_success
+    assert store.not_ready(now) == why

@@ -170,7 +170,7 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info(
             "pushing OTLP (%s) to %s every %gs",
             config.otlp.protocol,
-            config.otlp.endpoint,
+            config.otlp.shown_endpoint,
             config.otlp.interval,
         )
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from exporter.export.otlp_config import redact_urls
 from exporter.kernel.programs import REQUEST_MODES, RequestMode
 
 _T = TypeVar("_T")
@@ -62,10 +63,19 @@ class _Given:
         return ConfigError(f"{self.source} {_show(self.value)}: {problem}{hint}")
 
 
+@dataclass(frozen=True)
+class _Secret(_Given):
+    """A value that is never shown in an error."""
+
+    def error(self, problem: str, example: str | None = None) -> ConfigError:
+        hint = f" (example: {self.example_format.replace('{value}', example)})" if example else ""
+        return ConfigError(f"{self.source} (value not shown): {problem}{hint}")
+
+
 def _show(value: object) -> str:
     # repr() quotes strings and escapes line breaks and control characters, which keeps the message on
     # one line; the cut keeps a pasted blob from flooding the log.
-    text = repr(value)
+    text = redact_urls(repr(value))
     return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
 
 
@@ -305,40 +315,45 @@ def _url(given: _Given, example: str, host_port: str | None = None, base: bool =
     return parts.scheme.lower() + text[len(parts.scheme) :].rstrip("/")
 
 
-def _pairs(given: _Given, what: str) -> list[tuple[str, str]]:
+def _pairs(given: _Given, what: str, secret: bool = False) -> list[tuple[str, str]]:
     """Parse the W3C-baggage-like "k=v,k=v" format the OTEL_* variables use, percent-decoding both
-    sides so that values may carry ',' or '=' (as %2C, %3D)."""
+    sides so that values may carry ',' or '=' (as %2C, %3D). `secret`: errors never show the text."""
     text = _string(given, f"comma-separated {what}")
     pairs = []
-    for item in text.split(","):
+    for n, item in enumerate(text.split(","), 1):
         if not item.strip():
             continue
         key, equals, value = item.partition("=")
         key = unquote(key.strip())
         if not equals or not key:
-            raise given.error(f"expected comma-separated key=value {what}, got {item.strip()!r}")
+            got = f"item {n} has no '='" if secret else f"got {item.strip()!r}"
+            raise given.error(f"expected comma-separated key=value {what}, {got}")
         pairs.append((key, unquote(value.strip())))
     return pairs
 
 
-def _headers(given: _Given) -> tuple[tuple[str, str], ...]:
+def _headers(raw: _Given) -> tuple[tuple[str, str], ...]:
+    """Headers carry tokens: no error shows the value (nor a key, which a mistyped line may hold)."""
+    given = _Secret(raw.value, raw.source, raw.example_format)
     if isinstance(given.value, Mapping):
         # The mapping form is taken literally: it needs no escaping, so nothing is percent-decoded.
         pairs = []
         for key, value in given.value.items():
             if not isinstance(key, str) or not isinstance(value, str):
-                raise given.error(f"header {key!r}: names and values must be strings (quote them in YAML)")
+                raise given.error("header names and values must be strings (quote them in YAML)")
             pairs.append((key.strip(), value.strip()))
     elif isinstance(given.value, str):
-        pairs = _pairs(given, "headers")
+        pairs = _pairs(given, "headers", secret=True)
     else:
         raise given.error("must be a mapping of header names to values, or a 'k=v,k=v' string")
     headers: dict[str, str] = {}
-    for key, value in pairs:
+    for n, (key, value) in enumerate(pairs, 1):
         if not _HEADER_NAME.fullmatch(key):
-            raise given.error(f"header name {key!r} is not a valid HTTP header name")
+            raise given.error(f"header {n}: the name is not a valid HTTP header name")
         if not value.isprintable():
-            raise given.error(f"header {key!r}: value must not contain control characters or line breaks")
+            raise given.error(
+                f"header {n} ({key}): the value must not contain control characters or line breaks"
+            )
         headers[key.lower()] = value
     return tuple(headers.items())
 

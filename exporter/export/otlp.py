@@ -573,7 +573,7 @@ class OtlpPusher:
         log.info(
             "pushing OTLP (%s) to %s every %gs, %s temporality, %s histograms",
             self._cfg.protocol,
-            self._cfg.endpoint,
+            self._cfg.shown_endpoint,
             self._cfg.interval,
             "delta" if self._delta else "cumulative",
             self._cfg.histogram,
@@ -632,16 +632,18 @@ class OtlpPusher:
         if ok:
             if self._failing:
                 log.info(
-                    "OTLP export to %s works again after %d failed exports", self._cfg.endpoint, self._failing
+                    "OTLP export to %s works again after %d failed exports",
+                    self._cfg.shown_endpoint,
+                    self._failing,
                 )
             self._failing = 0
         else:
             self._failing += 1
             log.warning(
                 "OTLP export to %s failed (%d in a row): %s; the next export sends the latest values",
-                self._cfg.endpoint,
+                self._cfg.shown_endpoint,
                 self._failing,
-                reason or "no reason given by the exporter",
+                self._cfg.redact(reason) if reason else "no reason given by the exporter",
             )
         return ok
 

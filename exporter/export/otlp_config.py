@@ -6,7 +6,15 @@ A module of its own so that reading the configuration does not import the OpenTe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the credentials of every URL in it (user:password@) replaced by ***."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 @dataclass(frozen=True)
@@ -31,3 +39,17 @@ class OtlpConfig:
     histogram: str
     temporality: str
     resource_attributes: tuple[tuple[str, str], ...]
+
+    @property
+    def shown_endpoint(self) -> str:
+        """The endpoint as logs may show it: without credentials."""
+        return redact_urls(self.endpoint)
+
+    def redact(self, text: str) -> str:
+        """`text` (an error from the exporter or the network) without the endpoint's
+        credentials or any header value, which may be tokens."""
+        text = redact_urls(text)
+        for _, value in self.headers:
+            if len(value) >= 4:
+                text = text.replace(value, "***")
+        return text

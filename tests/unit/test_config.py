@@ -339,9 +339,9 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("otlp_interval", "soon", "must be a number of seconds > 0"),
     ("otlp_timeout", "0", "must be a number of seconds > 0"),
     ("otlp_timeout", "1e999", "must be a number of seconds > 0"),
-    ("otlp_headers", "novalue", "expected comma-separated key=value headers, got 'novalue'"),
-    ("otlp_headers", "a=b,=c", "expected comma-separated key=value headers, got '=c'"),
-    ("otlp_headers", "bad key=v", "not a valid HTTP header name"),
+    ("otlp_headers", "novalue", "expected comma-separated key=value headers, item 1 has no '='"),
+    ("otlp_headers", "a=b,=c", "expected comma-separated key=value headers, item 2 has no '='"),
+    ("otlp_headers", "bad key=v", "header 1: the name is not a valid HTTP header name"),
     ("otlp_headers", "k=a%0D%0Ab", "control characters"),
     ("otlp_insecure", "maybe", "must be true or false"),
     ("otlp_histogram", "linear", "must be one of exponential, explicit"),
@@ -389,7 +389,9 @@ def test_bad_value_names_its_source(
 ) -> None:
     argv, env, name = source_inputs(source, key, value, write_config)
     message = error_of(*argv, env=env)
-    assert message.startswith(f"{name} {value!r:.40}"), message
+    # Headers carry tokens: their value is never shown.
+    shown = "(value not shown)" if key == "otlp_headers" else f"{value!r:.40}"
+    assert message.startswith(f"{name} {shown}"), message
     assert problem in message
 
 
@@ -683,7 +685,8 @@ BAD_OTEL: list[tuple[str, str, str]] = [
 @pytest.mark.parametrize(("name", "value", "problem"), BAD_OTEL, ids=[b[0] for b in BAD_OTEL])
 def test_bad_otel_variable_names_it(name: str, value: str, problem: str) -> None:
     message = error_of(env={**OTEL_ENDPOINT, name: value})
-    assert message.startswith(f"{name} {value!r}: "), message
+    shown = "(value not shown)" if name.endswith("HEADERS") else repr(value)
+    assert message.startswith(f"{name} {shown}: "), message
     assert problem in message
 
 
@@ -959,3 +962,28 @@ def test_bad_requests_mode_is_one_line(value: str) -> None:
     assert_one_line(message)
     assert "PODNET_REQUESTS" in message or "--requests" in message
     assert "must be http, turns or off" in message
+
+
+SECRET = "s3cr3tTOKEN"
+
+
+@pytest.mark.parametrize(
+    ("env", "argv"),
+    [
+        (
+            {"PODNET_OTLP_HEADERS": f"authorization=Bearer%20{SECRET},oops"},
+            ["--otlp-endpoint", "http://c:4318"],
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer {SECRET},oops"},
+            ["--otlp-endpoint", "http://c:4318"],
+        ),
+        ({}, ["--otlp-endpoint", "http://c:4318", "--otlp-headers", f"authorization:Bearer {SECRET}=x"]),
+        ({}, ["--otlp-endpoint", "http://c:4318", "--otlp-headers", f"k={SECRET}\x01"]),
+        ({}, ["--otlp-endpoint", f"http://user:{SECRET}@collector:bad"]),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"ftp://u:{SECRET}@collector:4318"}, []),
+    ],
+)
+def test_secrets_are_never_in_errors(env: dict[str, str], argv: list[str]) -> None:
+    message = error_of(*argv, env=env)
+    assert message and SECRET not in message, message

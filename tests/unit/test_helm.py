@@ -128,6 +128,7 @@ def leaf_keys(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
     """Dotted keys of values.yaml down to the settings a user sets (free-form maps and lists are leaves)."""
     free_form = {
         "securityContext",
+        "podSecurityContext",
         "resources",
         "updateStrategy",
         "nodeSelector",
@@ -834,3 +835,10 @@ def test_dockerfile_copies_exist_and_are_in_the_build_context() -> None:
                         assert not _dockerignored(rel, patterns), rel
     for private in (".venv", ".git", "tests/kernel/podsim.py", "exporter/__pycache__/x.pyc"):
         assert _dockerignored(private, patterns), private
+
+
+def test_runtime_default_seccomp_for_pod_and_container(chart: helm.Chart) -> None:
+    r = render(chart)
+    assert r.pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert r.container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert r.container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import functools
 import logging
 import os
 import struct
@@ -16,7 +17,7 @@ from typing import Any
 from exporter.kernel import bpf_structs as bs
 from exporter.kernel.programs import LoadedPrograms
 from exporter.kernel.sockbytes import SocketTotals, read_slots, socket_counts
-from exporter.metrics.raw import UNTRACKED_PEER, KernelRead, Slots
+from exporter.metrics.raw import UNTRACKED_PEER, Counts, FlowSource, KernelRead, Slots
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,13 @@ class MapReader:
             for k, (sent, received), final in self._entries(
                 "tcp_traffic", "tcp_flow_bytes", committed_through, read
             ):
-                part = read.final if final else read.live
-                flow = (k[0], k[1], k[2])  # key: cgroup id, peer, gen, pad
-                s0, r0 = part.flows.get(flow, (0, 0))
-                part.flows[flow] = (s0 + sent, r0 + received)
+                # Key: cgroup id, peer, gen, pad.
+                _add_flow(read.final if final else read.live, (k[0], k[1], k[2]), sent, received)
             for k, (sent, received), final in self._entries(
                 "tcp_traffic", "tcp_flow_overflow", committed_through, read
             ):
-                part = read.final if final else read.live
-                flow = (k[0], UNTRACKED_PEER, k[1])  # key: cgroup id, gen, pad
-                s0, r0 = part.flows.get(flow, (0, 0))
-                part.flows[flow] = (s0 + sent, r0 + received)
+                # Key: cgroup id, gen, pad.
+                _add_flow(read.final if final else read.live, (k[0], UNTRACKED_PEER, k[1]), sent, received)
             self._read_sockets(read, committed_sockets)
             for k, (count, total), final in self._entries(
                 "tcp_traffic", "tcp_rtt_hist", committed_through, read
@@ -254,6 +251,11 @@ def delete_keys(map_name: str, table: Any, keys: Any, n: int, batch_ok: dict[str
     return deleted
 
 
+def _add_flow(part: Counts, flow: FlowSource, sent: int, received: int) -> None:
+    s0, r0 = part.flows.get(flow, (0, 0))
+    part.flows[flow] = (s0 + sent, r0 + received)
+
+
 def _add_slot(slots: Slots, slot: int, count: int, total: int) -> None:
     if count:
         c0, t0 = slots.get(slot, (0, 0))
@@ -346,6 +348,7 @@ def _cpu_sums(values: Any, n: int, ncpu: int, signed: list[bool]) -> list[tuple[
 _CODES = {ct.c_uint64: "Q", ct.c_int64: "q", ct.c_uint32: "I", ct.c_uint16: "H", ct.c_uint8: "B"}
 
 
+@functools.cache
 def key_format(ctype: Any) -> tuple[str, int]:
     """(struct format of a key type, flattened in memory order, byte arrays as bytes;
     index of its `gen` field), derived from the one ctypes mirror of the layout."""

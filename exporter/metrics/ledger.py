@@ -47,10 +47,12 @@ def add_slots(into: Slots, slots: Slots) -> None:
         into[slot] = (c0 + count, t0 + total)
 
 
-def _merged_counters(a: CgroupCounters, b: CgroupCounters) -> CgroupCounters:
+def _merged_counters(a: CgroupCounters | None, b: CgroupCounters | None) -> CgroupCounters:
+    """A new CgroupCounters holding a + b (either may be absent)."""
     out = CgroupCounters()
-    add_counters(out, a)
-    add_counters(out, b)
+    for part in (a, b):
+        if part is not None:
+            add_counters(out, part)
     return out
 
 
@@ -117,7 +119,7 @@ class Ledger:
             mine = view.cgroups.get(source[0])
             if mine is None or mine is t.cgroups.get(source[0]):
                 # Not this poll's own object yet: copy before adding, the totals stay as they are.
-                mine = view.cgroups[source[0]] = _merged_counters(mine or CgroupCounters(), CgroupCounters())
+                mine = view.cgroups[source[0]] = _merged_counters(mine, None)
             mine.sent += sent
             mine.received += received
         for attr in ("rtt", "connect"):

@@ -822,23 +822,15 @@ def test_a_snapshot_getter_that_raises_counts_as_a_failed_export(
 
 
 def test_logs_never_show_credentials_or_header_values() -> None:
-    from exporter.export.otlp_config import OtlpConfig, redact_urls
+    from exporter.export.otlp_config import redact_urls
 
     secret = "s3cr3tTOKEN"
-    cfg = OtlpConfig(
-        endpoint=f"https://user:{secret}@collector:4318/v1/metrics",
-        protocol="http/protobuf",
-        interval=60.0,
-        timeout=10.0,
+    config = cfg(
+        f"https://user:{secret}@collector:4318/v1/metrics",
+        "http/protobuf",
         headers=(("authorization", f"Bearer {secret}"),),
-        insecure=False,
-        compression=None,
-        certificate=None,
-        histogram="exponential",
-        temporality="cumulative",
-        resource_attributes=(),
     )
-    assert cfg.shown_endpoint == "https://***@collector:4318/v1/metrics"
+    assert config.shown_endpoint == "https://***@collector:4318/v1/metrics"
     reason = f"401 from https://user:{secret}@collector:4318 for header Bearer {secret}"
-    assert secret not in cfg.redact(reason)
+    assert secret not in config.redact(reason)
     assert redact_urls("grpc://a:b@h:1 and http://h:2/x@y") == "grpc://***@h:1 and http://h:2/x@y"

@@ -247,6 +247,12 @@ class Poller:
         ids = set(raw.cgroups) | {cg for cg, _ in raw.flows} | set(raw.rtt) | set(raw.connect)
         ids |= set(raw.requests)
         identities = p.resolver.resolve(ids)
+        if p.resolver.failed:
+            # One owner's bad data costs that owner this poll, not everyone's.
+            for problem in p.resolver.failed.values():
+                self._error("owner", problem)
+            raw.drop(p.resolver.failed)
+            ids -= p.resolver.failed.keys()
         try:
             identities = self._retire_dead(raw, read, ids, identities)
         except Exception as e:

@@ -72,6 +72,9 @@ class IdentityResolver:
         self._names: dict[int, str] = {}
         self.evicted = 0
         self.unresolved = 0
+        self.failed: dict[int, Exception] = {}
+        """Owners whose naming raised in the last resolve(), with the error: the caller
+        drops them for that poll (their totals stay) instead of failing the whole poll."""
 
     def resolve(self, cgroup_ids: Iterable[int]) -> dict[int, Identity]:
         """Blocking (may rescan the cgroup tree): run in the poller's thread."""
@@ -88,12 +91,17 @@ class IdentityResolver:
                 self._gone.popitem(last=False)
         out: dict[int, Identity] = {}
         unresolved = 0
+        self.failed = {}
         for cgid in ids:
-            ref = self._ref(cgid)
-            if ref is None:
-                unresolved += 1
+            try:
+                ref = self._ref(cgid)
+                if ref is None:
+                    unresolved += 1
+                    continue
+                ident = identity_of(ref, self._store)
+            except Exception as e:
+                self.failed[cgid] = e
                 continue
-            ident = identity_of(ref, self._store)
             # A cgroup's container never changes, but a restarted container's old id
             # leaves the pod's status: keep the name learned while it was there.
             if ident.is_pod and ref.container_id:

@@ -320,3 +320,31 @@ def test_resolve_accepts_any_iterable() -> None:
     assert set(out) == {1, 2}
     out = r.resolve({1, 2})
     assert set(out) == {1, 2}
+
+
+class _FailingStore(PodStore):
+    """A store whose lookup of one pod raises, as a bug in a metadata source might."""
+
+    def __init__(self, bad_uid: str) -> None:
+        super().__init__()
+        self.bad_uid = bad_uid
+
+    def by_uid(self, uid: str) -> PodMeta | None:
+        if uid == self.bad_uid:
+            raise ValueError("metadata of this pod cannot be read")
+        return super().by_uid(uid)
+
+
+def test_one_owners_failure_leaves_the_others_named() -> None:
+    store = _FailingStore(UID2)
+    store.replace_all({WEB.uid: WEB})
+    index = FakeIndex({1: NGINX_PATH, 2: POD2_PATH, 3: "/system.slice/a.service"})
+    r = resolver(index, store)
+    out = r.resolve([1, 2, 3])
+    assert set(out) == {1, 3}
+    assert out[1].container == "nginx"
+    assert set(r.failed) == {2}
+    assert isinstance(r.failed[2], ValueError)
+    store.bad_uid = ""
+    assert set(r.resolve([1, 2, 3])) == {1, 2, 3}
+    assert r.failed == {}, "failures are per call"

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from exporter.app.checkpoint import StateLock, StateLockError
 from exporter.app.config import ConfigError, parse_args, resolve
 from exporter.app.service import ServeError, serve
+from exporter.export.web_config import WebConfigError
 from exporter.kernel.btf import Btf, BtfError
 from exporter.kernel.headers import PODNET_ENV, find_tree
 from exporter.kernel.offsets import resolve_offsets
@@ -40,6 +41,7 @@ FATAL = (
     ServeError,
     PinError,
     StateLockError,
+    WebConfigError,
 )
 
 
@@ -126,7 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reset(config.pin_dir, config.state_dir)
         config = resolve(ns, os.environ)
         _setup_logging(config.log_level)
-        asyncio.run(serve(config))
+        if asyncio.run(serve(config)):
+            # Stopped during start-up: a daemon thread may still be inside BCC's compiler.
+            # Exit now, as the kernel would on SIGKILL (unpinned programs detach with their
+            # fds), rather than let interpreter teardown run C++ destructors under it.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     except FATAL as e:
         print(f"{_PROG}: error: {e}", file=sys.stderr)

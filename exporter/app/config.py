@@ -113,6 +113,8 @@ class Config:
     """Discard a previous run's pinned state and saved totals at start-up."""
     ready_stale_polls: int = 3
     """/readyz fails once the last successful poll is older than this many intervals."""
+    web_config_file: str | None = None
+    """The exporter-toolkit web config file (TLS, basic auth); None: plain HTTP, no auth."""
 
 
 # --- where a value came from ----------------------------------------------------------------------------

@@ -4,19 +4,23 @@ supervises the poller and the server until SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from aiohttp import web
 
 from exporter.app.checkpoint import Checkpoint, SavedState, StateLock
 from exporter.app.config import Config
 from exporter.app.poller import Poller, PollerParts, settle_heap
-from exporter.export.http_app import SNAPSHOTS, SnapshotStore, add_routes
+from exporter.export.http_app import SNAPSHOTS, WEB, SnapshotStore, WebState, add_routes
 from exporter.export.prometheus import Exposition
+from exporter.export.web_config import WebConfigError, files_stamp, load_web_config
 from exporter.kernel.btf import Btf
 from exporter.kernel.maps import MapReader
 from exporter.kernel.offsets import Offsets, resolve_offsets
@@ -38,10 +42,42 @@ CONFIG = web.AppKey("config", Config)
 STATE_LOCK_WAIT = 120.0
 """Seconds a new exporter waits for the one still holding the state (a surge upgrade)."""
 POLLER = web.AppKey("poller", Poller)
+WEB_CONFIG_CHECK = 1.0
+"""Seconds between checks of the web config file and its certificates for changes."""
+
+T = TypeVar("T")
 
 
 class ServeError(Exception):
     """Fatal at start-up; one line with the fix."""
+
+
+async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
+    """Run blocking `fn` in a daemon thread. Unlike asyncio.to_thread, a cancelled await
+    leaves nothing for asyncio.run() to wait for at exit: a SIGTERM during start-up (BCC
+    compiling for seconds, or waiting for the state lock) ends the process at once."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: object) -> None:
+        if done.done():
+            return
+        if ok:
+            done.set_result(value)  # type: ignore[arg-type]
+        else:
+            done.set_exception(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result: object = fn()
+            ok = True
+        except BaseException as e:  # handed to the awaiting task, which reports it
+            result, ok = e, False
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+            loop.call_soon_threadsafe(deliver, ok, result)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await done
 
 
 def build_parts(config: Config) -> PollerParts:
@@ -147,7 +183,7 @@ def open_state(
 
 async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    parts = await asyncio.to_thread(build_parts, config)
+    parts = await in_daemon_thread(lambda: build_parts(config), "podnet-start")
     snapshots = SnapshotStore(parts.exposition, stale_after=config.ready_stale_polls * config.poll_interval)
     app[SNAPSHOTS] = snapshots
     poller = Poller(parts, snapshots, config.poll_interval)
@@ -192,27 +228,98 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
             )
 
 
-def make_app(config: Config) -> web.Application:
+def make_app(config: Config, web_state: WebState | None = None) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
+    if web_state is not None:
+        app[WEB] = web_state
     app.cleanup_ctx.append(_kernel_ctx)
     add_routes(app)
     return app
 
 
 @dataclass
-class _Stop:
-    event: asyncio.Event
-    signal: str = ""
+class _Signals:
+    """What the signal handlers saw. Installed before anything slow, so a SIGTERM during
+    start-up (PID 1 in a container ignores signals it has no handler for) ends it."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reload: asyncio.Event = field(default_factory=asyncio.Event)
+    name: str = ""
+    starting: asyncio.Task[object] | None = None
+    """The task to cancel on a stop signal while starting up."""
 
 
-async def serve(config: Config) -> None:
-    app = make_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.listen_host, config.listen_port)
+def _install_signals(loop: asyncio.AbstractEventLoop, signals: _Signals) -> None:
+    def on_stop(name: str) -> None:
+        signals.name = name
+        signals.stop.set()
+        if signals.starting is not None:
+            signals.starting.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, signals.reload.set)
+
+
+def _read_web(path: str) -> WebState:
+    """Blocking: the file, its certificates, a TLS context built from them."""
+    config = load_web_config(path)
+    return WebState.of(config, files_stamp(config.files()))
+
+
+async def _watch_web(state: WebState, signals: _Signals, poller: Poller) -> None:
+    """Re-read the web config when it or a file it names changes (a renewed certificate, a
+    rotated Secret), or on SIGHUP. A bad new version is counted and logged; the last good
+    one stays in force."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signals.reload.wait(), WEB_CONFIG_CHECK)
+        hup = signals.reload.is_set()
+        signals.reload.clear()
         try:
+            stamp = await asyncio.to_thread(files_stamp, state.config.files())
+            if stamp == state.stamp and not hup:
+                continue
+            new = await asyncio.to_thread(_read_web, state.config.path)
+            state.replace(new)
+        except WebConfigError as e:
+            poller.errors["web_config"] += 1
+            log.error(
+                '%s; keeping the web config in force (podnet_exporter_errors_total{stage="web_config"})', e
+            )
+            state.stamp = stamp  # logged once per change, not once a second
+            continue
+        log.info("web config %s reloaded%s", state.config.path, " (SIGHUP)" if hup else "")
+
+
+async def serve(config: Config) -> bool:
+    """Run until SIGTERM or SIGINT. Returns True when the signal came during start-up: the
+    caller then exits at once, without waiting for a compile still running in its thread."""
+    loop = asyncio.get_running_loop()
+    signals = _Signals(starting=asyncio.current_task())
+    _install_signals(loop, signals)
+    try:
+        web_state = (
+            await asyncio.to_thread(_read_web, config.web_config_file) if config.web_config_file else None
+        )
+        app = make_app(config, web_state)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        signals.starting = None
+    except asyncio.CancelledError:
+        if not signals.name:
+            raise
+        log.info("%s received during start-up: exiting", signals.name)
+        return True
+    try:
+        try:
+            site = web.TCPSite(
+                runner,
+                config.listen_host,
+                config.listen_port,
+                ssl_context=web_state.server_context() if web_state is not None else None,
+            )
             await site.start()
         except OSError as e:
             raise ServeError(
@@ -220,24 +327,33 @@ async def serve(config: Config) -> None:
                 "choose another address with --listen HOST:PORT"
             ) from None
         host = f"[{config.listen_host}]" if ":" in config.listen_host else config.listen_host
-        log.info("serving /metrics on http://%s:%d", host, config.listen_port)
-        loop = asyncio.get_running_loop()
-        stop = _Stop(asyncio.Event())
-
-        def on_signal(name: str) -> None:
-            stop.signal = name
-            stop.event.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig.name)
+        scheme = "https" if web_state is not None and web_state.config.tls is not None else "http"
+        auth = " (basic auth)" if web_state is not None and web_state.auth is not None else ""
+        log.info("serving /metrics on %s://%s:%d%s", scheme, host, config.listen_port, auth)
+        if signals.stop.is_set():  # a signal between the end of start-up and now
+            return False
+        if web_state is None:
+            signals.reload.clear()
         async with asyncio.TaskGroup() as tg:
-            poll_task = tg.create_task(app[POLLER].run(), name="poller")
-            kube = app[POLLER].parts.kube
-            kube_task = tg.create_task(kube.run(), name="kube-watch") if kube is not None else None
-            await stop.event.wait()
-            log.info("%s received: shutting down", stop.signal)
-            poll_task.cancel()
-            if kube_task is not None:
-                kube_task.cancel()
+            poller = app[POLLER]
+            tasks = [tg.create_task(poller.run(), name="poller")]
+            if poller.parts.kube is not None:
+                tasks.append(tg.create_task(poller.parts.kube.run(), name="kube-watch"))
+            if web_state is not None:
+                tasks.append(tg.create_task(_watch_web(web_state, signals, poller), name="web-config"))
+            else:
+                tasks.append(tg.create_task(_ignore_hup(signals), name="sighup"))
+            await signals.stop.wait()
+            log.info("%s received: shutting down", signals.name)
+            for task in tasks:
+                task.cancel()
     finally:
         await runner.cleanup()
+    return False
+
+
+async def _ignore_hup(signals: _Signals) -> None:
+    while True:
+        await signals.reload.wait()
+        signals.reload.clear()
+        log.info("SIGHUP ignored: only --web.config.file is re-read on SIGHUP; other settings need a restart")

@@ -51,6 +51,8 @@ class Setting:
     value: object = None
     doctor: bool = False  # also a doctor option
     in_file: bool = True
+    aliases: tuple[str, ...] = ()
+    """More spellings of the flag (``--web.config.file``, as node_exporter and its peers spell it)."""
 
     @property
     def flag(self) -> str:
@@ -115,6 +117,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _S("state_dir", "DIR", "where the totals are saved after each poll (default /run/podnet)",
        "`/run/podnet`", "directory for the totals saved after each poll (with pinned maps)",
        _directory("/run/podnet"), "/run/podnet"),
+    _S("web_config_file", "PATH", "exporter-toolkit web config file: TLS, client certificates, basic auth",
+       "none", "TLS and basic auth for the HTTP endpoints, in the "
+       "[exporter-toolkit web config](docs/WEB.md) format that node_exporter reads (also "
+       "`--web.config.file`); re-read when it or its certificates change, and on SIGHUP",
+       _file("pass the web config file (node_exporter's --web.config.file format)"), None,
+       aliases=("--web.config.file",)),
     _S("fresh", "", "discard the pinned maps and saved totals of a previous run; counters start from zero",
        "false", "start from zero: discard what a previous run left pinned and saved", _boolean, False,
        in_file=False),
@@ -203,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
             # argparse %-formats help strings.
             if setting.metavar:
                 help_text = f"{setting.help} [env {setting.env}]".replace("%", "%%")
-                command.add_argument(setting.flag, metavar=setting.metavar, default=None, help=help_text)
+                command.add_argument(
+                    setting.flag, *setting.aliases, metavar=setting.metavar, default=None, help=help_text
+                )
             else:
                 help_text = f"{setting.help} [env {setting.env}=true]"
                 command.add_argument(setting.flag, action="store_true", default=None, help=help_text)

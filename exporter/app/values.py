@@ -254,8 +254,10 @@ def _host_port(text: str, ipv6_example: str) -> tuple[str, int]:
         if not bracket or not port_text.startswith(":"):
             raise ValueError("expected [IPv6]:PORT")
         port_text = port_text[1:]
-        if not _is_ip(host, 6):
-            raise ValueError(f"{host!r} in brackets is not an IPv6 address")
+        # A bracketed IPv4 address is accepted too: a template can write [$(HOST_IP)]:PORT
+        # whatever the node's address family.
+        if not (_is_ip(host, 6) or _is_ip(host, 4)):
+            raise ValueError(f"{host!r} in brackets is not an IP address")
     else:
         host, colon, port_text = text.rpartition(":")
         if not colon:

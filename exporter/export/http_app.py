@@ -1,13 +1,19 @@
-"""HTTP endpoints: /metrics, /healthz, /readyz. Handlers only read the published snapshot."""
+"""HTTP endpoints: /metrics, /healthz, /readyz. Handlers only read the published snapshot.
+With a web config file, a middleware checks basic auth and allowed client certificate
+names and adds the configured response headers."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from exporter import __version__
 from exporter.export.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Exposition, Rendered
+from exporter.export.web_config import BasicAuth, WebConfig, WebConfigError
 from exporter.metrics.model import EMPTY_SNAPSHOT
 
 
@@ -34,17 +40,133 @@ class SnapshotStore:
 
 SNAPSHOTS = web.AppKey("snapshots", SnapshotStore)
 
+UNGUARDED = frozenset({"/healthz", "/readyz"})
+"""Paths without basic auth: kubelet probes cannot send credentials, and they tell nothing
+but up or not. TLS (and a required client certificate) still applies to them."""
+AUTH_WAITING_MAX = 32
+"""Requests that may wait for a bcrypt check at once; beyond, 429 (bcrypt costs ~50 ms of
+CPU per unknown credential: an unbounded queue would let anyone pin a core)."""
+
+
+@dataclass
+class WebState:
+    """The web config in force. The listener keeps the TLS context it was started with;
+    its SNI callback hands each new handshake the current one, so a reload (a renewed
+    certificate, a new client CA) applies to new connections without a restart."""
+
+    config: WebConfig
+    stamp: object
+    """files_stamp() of the files the config was read from."""
+    auth: BasicAuth | None
+    context: ssl.SSLContext | None
+    auth_waiting: int = 0
+
+    @classmethod
+    def of(cls, config: WebConfig, stamp: object) -> WebState:
+        """Blocking: builds the TLS context from the certificate files."""
+        auth = BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
+        return cls(config, stamp, auth, config.ssl_context())
+
+    def replace(self, new: WebState) -> None:
+        if (new.context is None) != (self.context is None):
+            now = "on" if new.context is not None else "off"
+            raise WebConfigError(
+                f"web config file {new.config.path}: TLS cannot be turned {now} while running "
+                "(the listener's scheme is fixed); restart the exporter to apply it"
+            )
+        old_tls, new_tls = self.config.tls, new.config.tls
+        fixed = old_tls.unswappable_changes(new_tls) if old_tls is not None and new_tls is not None else ()
+        if fixed:
+            # The listener's context decides these before the SNI callback can swap it.
+            raise WebConfigError(
+                f"web config file {new.config.path}: a change of {', '.join(fixed)} applies only at "
+                "start-up; restart the exporter to apply it"
+            )
+        self.config, self.stamp, self.auth, self.context = new.config, new.stamp, new.auth, new.context
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The context to listen with (None: plain HTTP)."""
+        if self.context is None:
+            return None
+        base = self.context
+
+        def swap(sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+            if self.context is not None and self.context is not base:
+                sslobj.context = self.context
+
+        base.sni_callback = swap
+        return base
+
+
+WEB = web.AppKey("web", WebState)
+
+
+def _unauthorized() -> web.Response:
+    return web.Response(
+        status=401,
+        text="401 Unauthorized\n",
+        headers={"WWW-Authenticate": 'Basic realm="podnet"'},
+    )
+
+
+@web.middleware
+async def guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    state = request.app.get(WEB)
+    if state is None:
+        return await handler(request)
+    try:
+        response = await _guarded(request, handler, state)
+    except web.HTTPException as e:  # 404, 405: they get the configured headers too
+        e.headers.update(state.config.headers)
+        raise
+    response.headers.update(state.config.headers)
+    return response
+
+
+async def _guarded(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    state: WebState,
+) -> web.StreamResponse:
+    config = state.config
+    if config.tls is not None and config.tls.client_allowed_sans:
+        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        if not config.client_allowed(peercert):
+            return web.Response(status=403, text="403 Forbidden: client certificate name not allowed\n")
+    auth = state.auth
+    if auth is not None and request.path not in UNGUARDED:
+        header = request.headers.get("Authorization")
+        verdict = auth.cached(header)
+        if verdict is None:
+            if state.auth_waiting >= AUTH_WAITING_MAX:
+                return web.Response(status=429, text="429 Too Many Requests\n", headers={"Retry-After": "1"})
+            state.auth_waiting += 1
+            try:
+                verdict = await asyncio.to_thread(auth.check, header)
+            finally:
+                state.auth_waiting -= 1
+        if not verdict:
+            return _unauthorized()
+    return await handler(request)
+
 _INDEX = f"""<html><head><title>podnet exporter</title></head><body>
 <h1>podnet exporter {__version__}</h1>
 <p><a href="/metrics">/metrics</a> &middot; <a href="/healthz">/healthz</a> &middot;
 <a href="/readyz">/readyz</a></p></body></html>"""
 
 
-def _accepted(header: str, token: str) -> bool:
-    """Whether `token` is listed in an Accept-style header with a q-value above 0."""
+def _accepted(header: str, token: str, rivals: tuple[str, ...] = ()) -> bool:
+    """Whether `token` is listed in an Accept-style header with a q-value above 0 and not
+    below that of the first of `rivals` listed (most specific first, as "text/plain",
+    "text/*", "*/*"). A q-value that is not a number, below 0 or NaN counts as 0, one above 1
+    as 1; of a name listed twice the higher counts."""
+    best: dict[str, float] = {}
     for part in header.split(","):
         name, *params = (p.strip() for p in part.split(";"))
-        if name.lower() != token:
+        name = name.lower()
+        if name != token and name not in rivals:
             continue
         q = 1.0
         for param in params:
@@ -54,13 +176,16 @@ def _accepted(header: str, token: str) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        if q > 0:
-            return True
-    return False
+        best[name] = max(best.get(name, 0.0), min(q, 1.0) if q > 0 else 0.0)
+    mine = best.get(token, 0.0)
+    return mine > 0 and mine >= next((best[r] for r in rivals if r in best), 0.0)
 
 
 def _accepts_openmetrics(accept: str) -> bool:
-    return _accepted(accept, "application/openmetrics-text")
+    # Prometheus lists the formats of its scrape_protocols in order of preference, by q-value:
+    # text preferred over OpenMetrics ("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;
+    # version=1.0.0;q=0.4,*/*;q=0.3") gets text. OpenMetrics only when listed by name.
+    return _accepted(accept, "application/openmetrics-text", ("text/plain", "text/*", "*/*"))
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
@@ -106,6 +231,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.middlewares.append(guard)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

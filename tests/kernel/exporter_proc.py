@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ class ExporterProcess:
         env: Mapping[str, str] | None = None,
         prefix: Sequence[str] = (),
         state: tuple[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"podnet-exporter-{self.port}.log"
@@ -82,12 +85,16 @@ class ExporterProcess:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{self.port}"
+        self.tls = tls
+        """The client context for an exporter serving TLS (--web.config.file)."""
+        self.headers = dict(headers or {})
+        """Sent with every request (basic auth)."""
 
     def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        req = urllib.request.Request(self.url + path, headers=dict(headers or {}))
+        req = urllib.request.Request(self.url + path, headers={**self.headers, **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=self.tls) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()

@@ -254,3 +254,27 @@ def test_bpf_source_into_a_closed_pipe_is_quiet() -> None:
     )
     assert "Traceback" not in proc.stderr
     assert proc.stdout.startswith("// resolved kernel struct offsets")
+
+
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        (
+            "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
+            ("cert_file", "missing.crt"),
+        ),
+        ("basic_auth_users:\n  prom: not-a-bcrypt-hash-s3cr3t\n", ("basic_auth_users", "prom")),
+        ("tls_server_confg: {}\n", ("tls_server_confg",)),
+    ],
+)
+def test_bad_web_config_fails_at_startup_in_one_line(
+    tmp_path: Path, content: str, names: tuple[str, ...]
+) -> None:
+    # Checked before cgroups, BTF or any BPF program is touched; the hash is never shown.
+    web = tmp_path / "web-config.yml"
+    web.write_text(content)
+    for flag in ("--web.config.file", "--web-config-file"):
+        proc = cli("run", flag, str(web), "--pin-dir", "none", "--log-level", "error")
+        line = assert_one_error_line(proc, str(web), *names)
+        assert proc.returncode == 1
+        assert "s3cr3t" not in line

@@ -216,6 +216,7 @@ otlp:
         ("[::]:9436", "::", 9436),
         ("[fe80::1%eth0]:9436", "fe80::1%eth0", 9436),
         (" 10.0.0.1:9436\n", "10.0.0.1", 9436),
+        ("[10.0.0.1]:9436", "10.0.0.1", 9436),  # the chart's [$(HOST_IP)]:PORT on an IPv4 node
     ],
 )
 def test_listen_accepts(listen: str, host: str, port: int) -> None:
@@ -279,7 +280,7 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("listen", "::1:9436", "brackets"),
     ("listen", "[::1]9436", "expected [IPv6]:PORT"),
     ("listen", "[::1", "expected [IPv6]:PORT"),
-    ("listen", "[10.0.0.1]:9436", "not an IPv6 address"),
+    ("listen", "[nonsense]:9436", "in brackets is not an IP address"),
     ("listen", ":9436", "host is empty"),
     ("listen", "bad_host:9436", "not a valid IP address or hostname"),
     ("listen", "999.1.1.1:9436", "not a valid IP address or hostname"),

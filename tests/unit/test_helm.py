@@ -3,13 +3,16 @@ Kubernetes OpenAPI schemas with kubernetes-validate), and the container image's 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import helm_python as helm
 import kubernetes_validate
 import pytest
@@ -58,6 +61,33 @@ EVERYTHING_ON: dict[str, Any] = {
     },
     "dashboards": {"namespace": "grafana", "folder": "Network", "labels": {"x": "y"}},
 }
+# A real bcrypt hash (cost 4: quick to make), as web.basicAuth.users wants.
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+TLS: dict[str, Any] = {"web": {"tls": {"enabled": True, "secretName": "podnet-tls"}}}
+MTLS: dict[str, Any] = {
+    "web": {
+        "tls": {
+            "enabled": True,
+            "secretName": "podnet-tls",
+            "clientAuthType": "RequireAndVerifyClientCert",
+            "clientCASecretName": "scrapers-ca",
+        }
+    }
+}
+BASIC_AUTH: dict[str, Any] = {"web": {"basicAuth": {"users": {"prometheus": HASH}}}}
+EXISTING_WEB: dict[str, Any] = {"web": {"existingConfigSecret": "podnet-web", "tls": {"enabled": True}}}
+# Each way of configuring the endpoint, and the alerts: every one renders valid Kubernetes.
+WEB_MODES: dict[str, dict[str, Any]] = {
+    "tls": TLS,
+    "mtls": MTLS,
+    "tls-basic-auth": {"web": {**TLS["web"], **BASIC_AUTH["web"]}, "serviceMonitor": {"enabled": True}},
+    "basic-auth": BASIC_AUTH,
+    "existing-web-config": EXISTING_WEB,
+    "node-ip": {"web": {"listen": "nodeIP"}},
+    "loopback": {"web": {"listen": "loopback"}},
+    "prometheus-rule": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+}
+WEB_CONFIG_SECRET = f"{FULLNAME}-web-config"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -114,6 +144,23 @@ class Rendered:
         data: dict[str, Any] = yaml.safe_load(self.config_map["data"]["config.yaml"])
         return data
 
+    @property
+    def web_config_text(self) -> str:
+        """The generated web-config.yml (the Secret holds it base64-encoded)."""
+        secret = self.get("Secret", WEB_CONFIG_SECRET)
+        assert set(secret["data"]) == {"web-config.yml"} and secret["type"] == "Opaque"
+        return base64.b64decode(secret["data"]["web-config.yml"]).decode()
+
+    @property
+    def web_config(self) -> dict[str, Any]:
+        data: dict[str, Any] = yaml.safe_load(self.web_config_text)
+        return data
+
+    @property
+    def pod_annotations(self) -> dict[str, str]:
+        annotations: dict[str, str] = self.daemonset["spec"]["template"]["metadata"]["annotations"]
+        return annotations
+
 
 def render(chart: helm.Chart, values: dict[str, Any] | None = None, name: str = RELEASE) -> Rendered:
     return Rendered(chart.render(values or {}, name=name, namespace=NAMESPACE))
@@ -136,6 +183,7 @@ def leaf_keys(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
         "livenessProbe",
         "readinessProbe",
         "headers",
+        "rules",  # prometheusRule.rules: documented as one row, each alert in the Alerts table
     }
     for key, value in values.items():
         path = prefix + key
@@ -214,6 +262,19 @@ def test_schema_and_values_list_the_same_keys(chart: helm.Chart) -> None:
         ({"clusterName": "prod\neu"}, "at '/clusterName'"),
         ({"securityContext": {"privileged": "yes"}}, "at '/securityContext/privileged'"),
         ({"tolerations": {"operator": "Exists"}}, "at '/tolerations': got object, want array"),
+        (
+            {"web": {"listen": "0.0.0.0"}},
+            "at '/web/listen': value must be one of 'all', 'nodeIP', 'loopback'",
+        ),
+        ({"web": {"tls": {"clientAuthType": "RequireAnyClientCert"}}}, "at '/web/tls/clientAuthType'"),
+        ({"web": {"tls": {"minVersion": "TLS1.2"}}}, "at '/web/tls/minVersion'"),
+        ({"web": {"basicAuth": {"users": {"prometheus": "s3cret"}}}}, "at '/web/basicAuth/users/prometheus'"),
+        ({"serviceMonitor": {"scheme": "HTTPS"}}, "at '/serviceMonitor/scheme'"),
+        ({"prometheusRule": {"rules": {"PodnetExporterDown": {"for": "5 min"}}}}, "PodnetExporterDown/for'"),
+        (
+            {"prometheusRule": {"rules": {"PodnetNoSuchAlert": {}}}},
+            "additional properties 'PodnetNoSuchAlert'",
+        ),
     ],
 )
 def test_schema_rejects_bad_values_clearly(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
@@ -237,6 +298,47 @@ def test_schema_rejects_bad_values_clearly(chart: helm.Chart, values: dict[str, 
             {"serviceMonitor": {"enabled": True}, "service": {"enabled": False}},
             "serviceMonitor.enabled needs",
         ),
+        ({"web": {"tls": {"enabled": True}}}, "web.tls.enabled needs web.tls.secretName"),
+        (
+            {"web": {"tls": {"secretName": "podnet-tls"}}},
+            "web.tls.secretName is set but web.tls.enabled is false",
+        ),
+        (
+            {
+                "web": {
+                    "tls": {"enabled": True, "secretName": "t", "clientAuthType": "VerifyClientCertIfGiven"}
+                }
+            },
+            "web.tls.clientAuthType=VerifyClientCertIfGiven needs a CA for the client certificates: set "
+            "web.tls.clientCASecretName",
+        ),
+        (
+            {"web": {"tls": {"enabled": True, "secretName": "t", "clientCASecretName": "ca"}}},
+            "web.tls.clientCASecretName is set but web.tls.clientAuthType is NoClientCert",
+        ),
+        (
+            {"web": {"tls": {"clientAuthType": "RequireAndVerifyClientCert"}, "existingConfigSecret": "w"}},
+            "web.tls.clientAuthType=RequireAndVerifyClientCert needs web.tls.enabled",
+        ),
+        (
+            {"web": {"existingConfigSecret": "w", "basicAuth": {"users": {"a": HASH}}}},
+            "web.existingConfigSecret is set together with web.tls.secretName, web.tls.clientCASecretName or "
+            "web.basicAuth.users",
+        ),
+        (
+            {"web": {"existingConfigSecret": "w", "tls": {"enabled": True, "secretName": "t"}}},
+            "web.existingConfigSecret is set together with",
+        ),
+        ({"web": {"listen": "nodeIP"}, "hostNetwork": False}, "web.listen=nodeIP needs hostNetwork=true"),
+        ({"web": {"listen": "loopback"}, "hostNetwork": False}, "web.listen=loopback needs hostNetwork=true"),
+        (
+            {"web": {"listen": "loopback"}, "podMonitor": {"enabled": True}},
+            "web.listen=loopback with a ServiceMonitor or PodMonitor",
+        ),
+        (
+            {"prometheusRule": {"enabled": True}},
+            "prometheusRule.enabled needs prometheusRule.selector when neither serviceMonitor nor podMonitor",
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_message(
@@ -251,8 +353,8 @@ def test_contradictory_values_fail_with_a_message(
 
 @pytest.mark.parametrize(
     "values",
-    [None, EVERYTHING_ON, {"podMonitor": {"enabled": True}}],
-    ids=["defaults", "everything-on", "podmonitor"],
+    [None, EVERYTHING_ON, {"podMonitor": {"enabled": True}}, *WEB_MODES.values()],
+    ids=["defaults", "everything-on", "podmonitor", *WEB_MODES],
 )
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 def test_objects_validate_against_the_kubernetes_schema(
@@ -584,6 +686,9 @@ def test_scrape_annotations_toggle(chart: helm.Chart) -> None:
 ENDPOINT_FIELDS = {
     "port",
     "path",
+    "scheme",
+    "tlsConfig",
+    "basicAuth",
     "interval",
     "scrapeTimeout",
     "honorLabels",
@@ -601,6 +706,7 @@ def _check_monitor(mon: dict[str, Any], kind: str, endpoints_key: str, r: Render
     (ep,) = spec[endpoints_key]
     assert set(ep) <= ENDPOINT_FIELDS
     assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+    assert ep["scheme"] == "http"  # web.tls is off in these renders
     # Without honorLabels, Prometheus renames the exporter's namespace/pod labels exported_*.
     assert ep["honorLabels"] is True
     for relabel in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
@@ -650,6 +756,345 @@ def test_notes(chart: helm.Chart) -> None:
     assert "podnet-exporter doctor" in notes
     silent = render(chart, {"scrapeAnnotations": {"enabled": False}}).notes
     assert "Nothing configures scraping" in silent
+
+
+# ---- the web endpoint: bind address, TLS, basic auth -----------------------------------------------------
+
+
+def _set_args(r: Rendered, args: list[str]) -> None:
+    r.pod["containers"][0]["args"] = args
+
+
+def _probes(r: Rendered) -> dict[str, dict[str, Any]]:
+    return {k: r.container[k] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+
+
+def test_plain_http_by_default(chart: helm.Chart) -> None:
+    r = render(chart)
+    assert not r.all("Secret")
+    assert "--web.config.file" not in r.container["args"]
+    assert {m["mountPath"] for m in r.container["volumeMounts"]}.isdisjoint(
+        {"/etc/podnet-web", "/etc/podnet-web-tls", "/etc/podnet-web-client-ca"}
+    )
+    assert "checksum/web-config" not in r.pod_annotations
+    assert "prometheus.io/scheme" not in r.pod_annotations
+    for probe in _probes(r).values():
+        assert "scheme" not in probe["httpGet"] and "host" not in probe["httpGet"]
+
+
+@pytest.mark.parametrize(
+    ("listen", "host_ip", "want"),
+    [
+        ("all", None, "0.0.0.0"),
+        ("loopback", None, "127.0.0.1"),
+        ("nodeIP", "10.0.3.7", "10.0.3.7"),
+        ("nodeIP", "fd00:10::7", "fd00:10::7"),
+    ],
+)
+def test_listen_modes_reach_the_exporter(
+    chart: helm.Chart, tmp_path: Path, listen: str, host_ip: str | None, want: str
+) -> None:
+    r = render(chart, {"web": {"listen": listen}, "port": 9500})
+    env = {e["name"]: e for e in r.container["env"]}
+    if listen == "nodeIP":
+        assert env["PODNET_HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+        assert "--listen=[$(PODNET_HOST_IP)]:9500" in r.container["args"]
+        assert "listen" not in r.exporter_config  # the flag alone says it
+        # What the kubelet does to $(VAR) in args, for an IPv4 and an IPv6 node.
+        assert host_ip is not None
+        _set_args(r, [a.replace("$(PODNET_HOST_IP)", host_ip) for a in r.container["args"]])
+    else:
+        assert "PODNET_HOST_IP" not in env
+        assert not any(a.startswith("--listen") for a in r.container["args"])
+    cfg = resolved(r, tmp_path)
+    assert (cfg.listen_host, cfg.listen_port) == (want, 9500)
+    for probe in _probes(r).values():  # the kubelet probes 127.0.0.1 only when nothing else listens
+        assert probe["httpGet"].get("host") == ("127.0.0.1" if listen == "loopback" else None)
+    annotations = r.pod_annotations
+    assert ("prometheus.io/scrape" in annotations) == (listen != "loopback")
+    assert ("127.0.0.1 only" in r.notes) == (listen == "loopback")
+
+
+def test_tls_generates_the_web_config(chart: helm.Chart) -> None:
+    r = render(chart, {"web": {**TLS["web"], "tls": {**TLS["web"]["tls"], "minVersion": "TLS13"}}})
+    assert r.web_config == {
+        "tls_server_config": {
+            "cert_file": "/etc/podnet-web-tls/tls.crt",
+            "key_file": "/etc/podnet-web-tls/tls.key",
+            "client_auth_type": "NoClientCert",
+            "min_version": "TLS13",
+        }
+    }
+    args = r.container["args"]
+    assert args[args.index("--web.config.file") + 1] == "/etc/podnet-web/web-config.yml"
+    mounts = {m["mountPath"]: m for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod["volumes"]}
+    assert mounts["/etc/podnet-web"]["readOnly"] is True and mounts["/etc/podnet-web-tls"]["readOnly"] is True
+    assert volumes[mounts["/etc/podnet-web"]["name"]]["secret"]["secretName"] == WEB_CONFIG_SECRET
+    # Whole Secrets, never subPath: the kubelet then updates the files when the Secret changes.
+    assert volumes[mounts["/etc/podnet-web-tls"]["name"]]["secret"] == {
+        "secretName": "podnet-tls",
+        "defaultMode": 0o400,
+    }
+    assert not any("subPath" in m for m in mounts.values())
+    assert "/etc/podnet-web-client-ca" not in mounts
+    for probe in _probes(r).values():
+        assert probe["httpGet"]["scheme"] == "HTTPS"
+    assert r.pod_annotations["prometheus.io/scheme"] == "https"
+    assert re.fullmatch(r"[0-9a-f]{64}", r.pod_annotations["checksum/web-config"])
+
+
+def test_basic_auth_users_are_hashes(chart: helm.Chart) -> None:
+    r = render(chart, BASIC_AUTH)
+    assert r.web_config == {"basic_auth_users": {"prometheus": HASH}}
+    assert bcrypt.checkpw(b"s3cret", r.web_config["basic_auth_users"]["prometheus"].encode())
+    assert "/etc/podnet-web-tls" not in {m["mountPath"] for m in r.container["volumeMounts"]}
+    # /healthz and /readyz are not behind basic auth: the probes stay plain HTTP GETs.
+    assert _probes(r) == _probes(render(chart))
+    assert "prometheus.io/scheme" not in r.pod_annotations
+    assert HASH not in json.dumps(r.get("ConfigMap", FULLNAME))  # the hashes are in the Secret only
+
+
+def test_web_config_change_rolls_the_pods(chart: helm.Chart) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        return render(chart, values).pod_annotations["checksum/web-config"]
+
+    one = checksum(BASIC_AUTH)
+    assert checksum(BASIC_AUTH) == one
+    assert checksum({"web": {"basicAuth": {"users": {"prometheus": HASH, "grafana": HASH}}}}) != one
+    assert checksum({"web": {**TLS["web"], **BASIC_AUTH["web"]}}) != one
+    assert checksum({**BASIC_AUTH, "podLabels": {"a": "b"}}) == one
+
+
+@pytest.mark.parametrize("same_secret", [True, False], ids=["ca-in-tls-secret", "separate-ca-secret"])
+def test_client_certificates(chart: helm.Chart, same_secret: bool) -> None:
+    ca_secret = "podnet-tls" if same_secret else "scrapers-ca"
+    values = {"web": {"tls": {**MTLS["web"]["tls"], "clientCASecretName": ca_secret}}}
+    r = render(chart, values)
+    tls = r.web_config["tls_server_config"]
+    assert tls["client_auth_type"] == "RequireAndVerifyClientCert"
+    mounts = {m["mountPath"]: m for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod["volumes"]}
+    if same_secret:
+        assert tls["client_ca_file"] == "/etc/podnet-web-tls/ca.crt"
+        assert "/etc/podnet-web-client-ca" not in mounts
+    else:
+        assert tls["client_ca_file"] == "/etc/podnet-web-client-ca/ca.crt"
+        ca = volumes[mounts["/etc/podnet-web-client-ca"]["name"]]["secret"]
+        assert ca["secretName"] == "scrapers-ca" and ca["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+        assert mounts["/etc/podnet-web-client-ca"]["readOnly"] is True
+    # The kubelet has no client certificate: every HTTP probe becomes a TCP check on the same port.
+    for probe in _probes(r).values():
+        assert "httpGet" not in probe and probe["tcpSocket"] == {"port": "metrics"}
+    assert "--cert and --key" in r.notes
+    # A certificate only when given: the probes (which give none) still pass over HTTPS.
+    optional = render(
+        chart, {"web": {"tls": {**values["web"]["tls"], "clientAuthType": "VerifyClientCertIfGiven"}}}
+    )
+    for probe in _probes(optional).values():
+        assert probe["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_probes_keep_what_the_user_set(chart: helm.Chart) -> None:
+    r = render(
+        chart,
+        {
+            "web": {"listen": "loopback", **TLS["web"]},
+            "livenessProbe": {"httpGet": {"scheme": "HTTP", "host": "192.0.2.1"}},
+            "readinessProbe": {"httpGet": None, "exec": {"command": ["true"]}},
+            "startupProbe": None,
+        },
+    )
+    assert r.container["livenessProbe"]["httpGet"] == {
+        "path": "/healthz",
+        "port": "metrics",
+        "scheme": "HTTP",
+        "host": "192.0.2.1",
+    }
+    assert r.container["readinessProbe"]["exec"] == {"command": ["true"]}
+    assert "httpGet" not in r.container["readinessProbe"] and "startupProbe" not in r.container
+    mtls_loopback = render(chart, {"web": {"listen": "loopback", **MTLS["web"]}})
+    for probe in _probes(mtls_loopback).values():
+        assert probe["tcpSocket"] == {"port": "metrics", "host": "127.0.0.1"}
+
+
+def test_existing_web_config_secret(chart: helm.Chart) -> None:
+    r = render(chart, EXISTING_WEB)
+    assert not r.all("Secret")  # nothing generated
+    args = r.container["args"]
+    assert args[args.index("--web.config.file") + 1] == "/etc/podnet-web/web-config.yml"
+    mounts = {m["mountPath"]: m for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod["volumes"]}
+    # One directory holding the file and whatever it references by relative path.
+    assert volumes[mounts["/etc/podnet-web"]["name"]]["secret"]["secretName"] == "podnet-web"
+    assert "items" not in volumes[mounts["/etc/podnet-web"]["name"]]["secret"]
+    assert mounts["/etc/podnet-web"]["readOnly"] is True
+    assert "/etc/podnet-web-tls" not in mounts and "checksum/web-config" not in r.pod_annotations
+    # web.tls.enabled describes the file: the probes and annotations follow it.
+    for probe in _probes(r).values():
+        assert probe["httpGet"]["scheme"] == "HTTPS"
+    assert r.pod_annotations["prometheus.io/scheme"] == "https"
+    plain = render(chart, {"web": {"existingConfigSecret": "podnet-web"}})  # basic auth only, say
+    assert "--web.config.file" in plain.container["args"]
+    for probe in _probes(plain).values():
+        assert "scheme" not in probe["httpGet"]
+
+
+@pytest.mark.parametrize("kind", ["serviceMonitor", "podMonitor"])
+def test_monitors_scrape_with_tls_and_basic_auth(chart: helm.Chart, kind: str) -> None:
+    key = "endpoints" if kind == "serviceMonitor" else "podMetricsEndpoints"
+    kind_name = kind[0].upper() + kind[1:]
+    tls_config = {"ca": {"secret": {"name": "podnet-tls", "key": "ca.crt"}}, "serverName": "podnet-exporter"}
+    basic_auth = {
+        "username": {"name": "podnet-scrape", "key": "username"},
+        "password": {"name": "podnet-scrape", "key": "password"},
+    }
+    r = render(
+        chart,
+        {
+            **{"web": {**TLS["web"], **BASIC_AUTH["web"]}},
+            kind: {"enabled": True, "tlsConfig": tls_config, "basicAuth": basic_auth},
+        },
+    )
+    (ep,) = r.get(kind_name)["spec"][key]
+    assert set(ep) <= ENDPOINT_FIELDS
+    assert (ep["scheme"], ep["tlsConfig"], ep["basicAuth"]) == ("https", tls_config, basic_auth)
+    assert "no basicAuth credentials" not in r.notes
+    # The scheme follows web.tls unless set; tlsConfig and basicAuth only when given.
+    (plain,) = render(chart, {kind: {"enabled": True}}).get(kind_name)["spec"][key]
+    assert plain["scheme"] == "http" and "tlsConfig" not in plain and "basicAuth" not in plain
+    (forced,) = render(chart, {**TLS, kind: {"enabled": True, "scheme": "http"}}).get(kind_name)["spec"][key]
+    assert forced["scheme"] == "http"
+    assert "no basicAuth credentials" in render(chart, {**BASIC_AUTH, kind: {"enabled": True}}).notes
+
+
+def test_generated_web_config_is_accepted_by_the_exporter(chart: helm.Chart, tmp_path: Path) -> None:
+    """The rendered web-config.yml, its certificate paths pointed at real files, through the
+    exporter's own loader (which builds the TLS context, so keys, values and files must all work)."""
+    web_config = pytest.importorskip("exporter.export.web_config")
+    sys.path.insert(0, str(REPO / "tests"))
+    import certs  # lives in tests/: throwaway CAs made with the openssl CLI
+
+    tls_dir, ca_dir = tmp_path / "tls", tmp_path / "client-ca"
+    tls_dir.mkdir()
+    ca_dir.mkdir()
+    server_ca, client_ca = certs.make_ca(tls_dir, "server-ca"), certs.make_ca(ca_dir, "clients")
+    leaf = certs.make_leaf(tls_dir, "podnet-exporter", server_ca, sans=["DNS:podnet-exporter"])
+    leaf.cert.rename(tls_dir / "tls.crt")
+    leaf.key.rename(tls_dir / "tls.key")
+    client_ca.cert.rename(ca_dir / "ca.crt")
+    values = {"web": {**MTLS["web"], **BASIC_AUTH["web"]}}
+    text = render(chart, values).web_config_text
+    text = text.replace("/etc/podnet-web-tls", str(tls_dir)).replace("/etc/podnet-web-client-ca", str(ca_dir))
+    path = tmp_path / "web-config.yml"
+    path.write_text(text)
+    loaded = web_config.load_web_config(str(path))
+    assert loaded.tls is not None and loaded.tls.client_auth_type == "RequireAndVerifyClientCert"
+    assert loaded.tls.client_ca_file == str(ca_dir / "ca.crt")
+    assert dict(loaded.basic_auth_users) == {"prometheus": HASH}
+    assert loaded.ssl_context() is not None
+    # And the exporter takes the flag the DaemonSet passes.
+    r = render(chart, values)
+    args = r.container["args"]
+    args[args.index("--web.config.file") + 1] = str(path)
+    _set_args(r, args)
+    cfg = resolved(r, tmp_path)
+    assert cfg.web_config_file == str(path)
+
+
+def test_every_mode_lints(chart: helm.Chart) -> None:
+    for name, values in WEB_MODES.items():
+        report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert report["errors"] == [] and problems == [], (name, report)
+
+
+# ---- PrometheusRule (the alerts themselves are tested in test_alerts.py) ---------------------------------
+
+RULE_FIELDS = {"alert", "record", "expr", "for", "labels", "annotations"}
+
+
+def test_prometheus_rule(chart: helm.Chart) -> None:
+    assert not render(chart).all("PrometheusRule")
+    r = render(
+        chart,
+        {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "labels": {"release": "kube-prometheus-stack"},
+                "rules": {"PodnetExporterErrors": {"severity": "info", "for": "1h"}},
+                "additionalRules": [{"record": "podnet:pods:sum", "expr": "sum(podnet_exporter_pods)"}],
+            },
+        },
+    )
+    rule = r.get("PrometheusRule")
+    assert rule["apiVersion"] == MONITORING
+    assert rule["metadata"]["namespace"] == "monitoring"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert set(rule["spec"]) == {"groups"}
+    (group,) = rule["spec"]["groups"]
+    assert group["name"] == "podnet-exporter"
+    alerts = {x["alert"]: x for x in group["rules"] if "alert" in x}
+    assert set(alerts) == set(values_yaml()["prometheusRule"]["rules"])
+    for name, alert in alerts.items():
+        assert set(alert) <= RULE_FIELDS and name.startswith("Podnet")
+        assert f'job="{FULLNAME}",namespace="{NAMESPACE}"' in alert["expr"], name
+        assert {"summary", "description", "runbook_url"} <= set(alert["annotations"])
+        assert alert["annotations"]["runbook_url"].endswith("/docs/HELM.md#" + name.lower())
+    assert alerts["PodnetExporterErrors"]["labels"] == {"severity": "info"}
+    assert alerts["PodnetExporterErrors"]["for"] == "1h"
+    assert alerts["PodnetExporterAbsent"]["labels"] == {"severity": "critical"}
+    assert group["rules"][-1] == {"record": "podnet:pods:sum", "expr": "sum(podnet_exporter_pods)"}
+    assert "PrometheusRule" in r.notes
+
+
+def test_prometheus_rule_selector(chart: helm.Chart) -> None:
+    def exprs(values: dict[str, Any]) -> list[str]:
+        rule = render(chart, {"prometheusRule": {"enabled": True}, **values}).get("PrometheusRule")
+        return [x["expr"] for x in rule["spec"]["groups"][0]["rules"]]
+
+    # A PodMonitor's job label is <its namespace>/<its name>.
+    pod = exprs({"podMonitor": {"enabled": True, "namespace": "monitoring"}})
+    assert all(f'job="monitoring/{FULLNAME}",namespace="{NAMESPACE}"' in e for e in pod)
+    own = exprs({"prometheusRule": {"enabled": True, "selector": 'job="podnet"'}})
+    assert own[0] == 'up{job="podnet"} == 0'
+    off = exprs(
+        {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {
+                "enabled": True,
+                "runbookURL": "",
+                "rules": {"PodnetExporterDown": {"enabled": False}},
+            },
+        }
+    )
+    assert not any(e.startswith("up{") and e.endswith("== 0") for e in off)
+
+
+def test_prometheus_rule_thresholds_follow_the_settings(chart: helm.Chart) -> None:
+    def alert(values: dict[str, Any], name: str) -> dict[str, Any]:
+        rule = render(
+            chart, {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, **values}
+        ).get("PrometheusRule")
+        (found,) = [x for x in rule["spec"]["groups"][0]["rules"] if x.get("alert") == name]
+        return dict(found)
+
+    assert alert({}, "PodnetPollsStale")["expr"].endswith("> 120")  # never under two minutes
+    assert alert({"config": {"pollInterval": 30}}, "PodnetPollsStale")["expr"].endswith("> 300")
+    assert "[900s]" in alert({}, "PodnetOTLPExportFailing")["expr"]
+    assert "[1800s]" in alert({"otlp": {"interval": 600}}, "PodnetOTLPExportFailing")["expr"]
+    assert (
+        "now 131072"
+        in alert({"config": {"mapEntries": 131072}}, "PodnetMapUpdateFailures")["annotations"]["description"]
+    )
+    assert (
+        "runbook_url"
+        not in alert({"prometheusRule": {"enabled": True, "runbookURL": ""}}, "PodnetExporterDown")[
+            "annotations"
+        ]
+    )
 
 
 # ---- Grafana dashboards ----------------------------------------------------------------------------------

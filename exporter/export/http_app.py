@@ -151,6 +151,7 @@ async def _guarded(
             return _unauthorized()
     return await handler(request)
 
+
 _INDEX = f"""<html><head><title>podnet exporter</title></head><body>
 <h1>podnet exporter {__version__}</h1>
 <p><a href="/metrics">/metrics</a> &middot; <a href="/healthz">/healthz</a> &middot;
@@ -201,8 +202,9 @@ async def _plain(rendered: Rendered, attr: str) -> bytes:
 
 async def metrics(request: web.Request) -> web.Response:
     rendered = request.app[SNAPSHOTS].current
-    om = _accepts_openmetrics(request.headers.get("Accept", ""))
-    gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    # Repeated header fields are one comma-separated list (RFC 9110, 5.3).
+    om = _accepts_openmetrics(",".join(request.headers.getall("Accept", ())))
+    gz = _accepts_gzip(",".join(request.headers.getall("Accept-Encoding", ())))
     if om:
         body = rendered.openmetrics_gzip if gz else await _plain(rendered, "openmetrics")
         ctype = OPENMETRICS_CONTENT_TYPE

@@ -63,6 +63,9 @@ _PODS_PATH: Final = "/api/v1/pods"
 _MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 _MAX_LIST_BYTES: Final = 256 * 1024 * 1024
 _MAX_ERROR_BODY: Final = 64 * 1024
+# etcd's revisions are at most 20 digits; resourceVersions are opaque, so any printable string
+# of sane length is sent back as given.
+_MAX_RV_LEN: Final = 256
 _READ_CHUNK: Final = 64 * 1024
 # Distinct malformed-pod messages logged before going quiet; all of them are counted.
 _MAX_LOGGED_PROBLEMS: Final = 100
@@ -150,6 +153,14 @@ def _meta_str(obj: Mapping[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _usable_rv(rv: str) -> bool:
+    """Whether a resourceVersion can be sent back in a watch URL as it was received. A lone
+    surrogate (JSON may carry "\\ud800") cannot be encoded and would be dropped from the query,
+    turning the watch into one from "now" that misses every deletion in between; a huge one
+    makes every watch request too long for the server."""
+    return len(rv) <= _MAX_RV_LEN and rv.isprintable()
+
+
 def parse_pod_list_response(body: bytes) -> tuple[dict[str, PodMeta], list[tuple[str | None, str]], str]:
     """(pods keyed by every UID their cgroups carry, (uid or None, problem) per skipped item, list RV)
     from a PodList response body. Pure and CPU-bound: run it in a thread. Raises KubeError when the
@@ -165,6 +176,8 @@ def parse_pod_list_response(body: bytes) -> tuple[dict[str, PodMeta], list[tuple
     rv = _meta_str(doc, "resourceVersion")
     if rv is None:
         raise KubeError("list-body", "pod list has no metadata.resourceVersion to watch from")
+    if not _usable_rv(rv):
+        raise KubeError("list-body", f"pod list has an unusable metadata.resourceVersion ({_show(rv)})")
     items = doc.get("items")
     if items is None:
         items = []  # an empty list may come with "items": null
@@ -179,7 +192,9 @@ def parse_pod_list_response(body: bytes) -> tuple[dict[str, PodMeta], list[tuple
         except PodMetadataError as e:
             problems.append((uid, f"items[{i}]: {e}"))
             continue
-        clash = next((k for k in pod.cgroup_uids if k in pods), None)
+        # A pod's own uid is its own, whichever pod claimed it first as its kubelet uid (any pod
+        # may carry a mirror annotation): only a claim can lose a key, never the uid itself.
+        clash = next((k for k in pod.cgroup_uids if k in pods and (k != pod.uid or pods[k].uid == k)), None)
         if clash is not None:
             problems.append((None, f"items[{i}]: pod {pod.namespace}/{pod.name}: uid {clash} listed twice"))
             continue
@@ -190,12 +205,15 @@ def parse_pod_list_response(body: bytes) -> tuple[dict[str, PodMeta], list[tuple
 
 async def _lines(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
     """Newline-delimited records of a stream. aiohttp's readline() fails on lines over its buffer
-    limit (512 KiB), which a Pod with large annotations can exceed; here the bound is `limit`."""
+    limit (512 KiB), which a Pod with large annotations can exceed; here the bound is `limit`:
+    a line longer than that fails the stream however the bytes were split into chunks."""
     buf = bytearray()
     async for chunk in stream.iter_any():
         buf += chunk
         start = 0
         while (end := buf.find(b"\n", start)) >= 0:
+            if end - start > limit:
+                raise KubeError("stream", f"watch event larger than {limit // (1024 * 1024)} MiB")
             line = bytes(buf[start:end]).strip()
             start = end + 1
             if line:
@@ -422,10 +440,14 @@ class KubeWatcher:
         pods, problems, rv = await asyncio.to_thread(parse_pod_list_response, body)
         for uid, problem in problems:
             self._skipped(problem)
-            # A pod whose new version is malformed keeps its last good metadata.
+            # A pod whose new version is malformed keeps its last good metadata, but its claim
+            # to a kubelet uid never takes the key of a pod listed under that uid.
             old = self.store.by_uid(uid) if uid else None
-            if old is not None:
-                pods.update(dict.fromkeys(old.cgroup_uids, old))
+            if old is not None and old.uid == uid:
+                for key in old.cgroup_uids:
+                    held = pods.get(key)
+                    if key == old.uid or held is None or held.uid != key:
+                        pods[key] = old
         self.store.replace_all(pods)
         self.resource_version = rv
         self._quorum_list = False
@@ -493,25 +515,52 @@ class KubeWatcher:
             self._skipped(f"{_show(kind)} event without an object")
             return
         rv = _meta_str(obj, "resourceVersion")
+        if rv is not None and not _usable_rv(rv):
+            # Resuming from it is impossible: the next watch resumes from the last good one.
+            self._skipped(f"{_show(kind)} event: unusable metadata.resourceVersion {_show(rv)}")
+            rv = None
         if kind == "BOOKMARK":
             pass  # carries only the resourceVersion: nothing changed up to there
         elif kind in ("ADDED", "MODIFIED"):
             try:
-                self.store.upsert(pod_from_json(obj))
+                pod = pod_from_json(obj)
             except PodMetadataError as e:
                 # The previous version, if any, stays: stale labels beat losing the pod's name.
                 self._skipped(f"{kind} event: {e}")
+            else:
+                clash = self._clash(pod)
+                if clash:
+                    self._skipped(f"{kind} event: {clash}")
+                else:
+                    self.store.upsert(pod)
         elif kind == "DELETED":
             uid = _meta_str(obj, "uid")
             if uid is None:
                 self._skipped("DELETED event: pod without metadata.uid")
             else:
-                self.store.delete(uid)
+                held = self.store.by_uid(uid)
+                # Only the pod with this API uid: not a mirror pod whose kubelet uid it is.
+                if held is not None and held.uid == uid:
+                    self.store.delete(uid)
         else:
             self._skipped(f"unknown watch event type {_show(kind)}")
         if rv is not None:
             self.resource_version = rv
         self._synced()
+
+    def _clash(self, pod: PodMeta) -> str:
+        """Why `pod` cannot be stored: it claims as its kubelet uid (mirror annotation) the uid of
+        another pod, whose traffic it would take over. "" when it can be: a pod's own uid always
+        wins over such a claim, and of two mirror pods claiming one kubelet uid the newer does
+        (the kubelet recreated the mirror pod). The list skips such a claim too."""
+        for key in pod.cgroup_uids:
+            held = self.store.by_uid(key)
+            if key != pod.uid and held is not None and held.uid == key:
+                return (
+                    f"pod {_show(pod.namespace)}/{_show(pod.name)}: uid {_show(key)} already used by "
+                    f"pod {_show(held.namespace)}/{_show(held.name)}"
+                )
+        return ""
 
 
 def _connect_problem(e: aiohttp.ClientConnectorError) -> str:

@@ -65,8 +65,10 @@ class PodStore:
             if pod.uid not in self._by_uid and len(self) >= self._max:
                 self.dropped += 1
                 return
-            # Indexed under every UID its cgroups may carry (a static pod has two).
-            self._by_uid = {**self._by_uid, **dict.fromkeys(pod.cgroup_uids, pod)}
+            # Indexed under every UID its cgroups may carry (a static pod has two); the keys of
+            # its previous version go first, or a dropped mirror uid would keep naming it.
+            kept = {k: v for k, v in self._by_uid.items() if v.uid != pod.uid}
+            self._by_uid = {**kept, **dict.fromkeys(pod.cgroup_uids, pod)}
             self._by_ip = _ip_index(self._by_uid.values())
             self.updated_at = time.time()
             self.version += 1

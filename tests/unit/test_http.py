@@ -269,3 +269,15 @@ def test_readiness_follows_the_last_successful_poll(
         store.ready.set()
     store.last_success = last_success
     assert store.not_ready(now) == why
+
+
+def test_repeated_accept_encoding_fields_are_one_list() -> None:
+    # RFC 9110 5.3: "Accept-Encoding: identity" then "Accept-Encoding: gzip" means both.
+    async def scenario(client: TestClient, store: SnapshotStore, _: Exposition) -> None:
+        headers = [("Accept-Encoding", "identity"), ("Accept-Encoding", "gzip")]
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.status == 200
+        assert resp.headers.get("Content-Encoding") == "gzip"
+        assert gzip.decompress(await resp.read()) == store.current.text
+
+    run(scenario)

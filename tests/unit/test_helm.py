@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ EVERYTHING_ON: dict[str, Any] = {
     },
     "otlp": {"endpoint": "http://otel-collector.observability:4317", "headersSecret": {"name": "otlp-auth"}},
     "clusterName": "prod-eu",
+    "config": {"kernelHeaders": "auto"},
     "imagePullSecrets": [{"name": "regcred"}],
     "commonLabels": {"team": "net"},
     "commonAnnotations": {"owner": "net-team"},
@@ -88,6 +90,11 @@ WEB_MODES: dict[str, dict[str, Any]] = {
     "prometheus-rule": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
 }
 WEB_CONFIG_SECRET = f"{FULLNAME}-web-config"
+# Values earlier chart versions had, now removed: the schema keeps an entry for each that accepts no
+# value, so setting one fails with a sentence saying what to do. Value -> host path it used to mount.
+REMOVED_VALUES = {"hostPaths.libModules": "/lib/modules", "hostPaths.usrSrc": "/usr/src"}
+# The kernel headers tree the image carries (its ENV PODNET_KERNEL_HEADERS).
+IMAGE_HEADERS = "/opt/podnet/kernel-headers"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -225,13 +232,22 @@ def test_schema_and_values_list_the_same_keys(chart: helm.Chart) -> None:
         props = node.get("properties", {})
         for key, value in values.items():
             assert key in props, f"{path}{key} is in values.yaml but not in values.schema.json"
+            assert f"{path}{key}" not in REMOVED_VALUES, f"{path}{key} is removed but still in values.yaml"
             if isinstance(value, dict) and props[key].get("additionalProperties") is False:
                 walk(value, props[key], f"{path}{key}.")
         if node.get("additionalProperties") is False and ("description" in node or not path):
-            missing = set(props) - set(values) - {"global"}
+            removed = {key for key in props if f"{path}{key}" in REMOVED_VALUES}
+            missing = set(props) - set(values) - {"global"} - removed
             assert not missing, f"{path}: in the schema but not in values.yaml: {missing}"
+            for key in removed:  # accepts nothing: its const (the message) is excluded by its not
+                assert props[key]["not"] == {"const": props[key]["const"]}, f"{path}{key}"
 
     walk(values_yaml(), schema, "")
+    for key in REMOVED_VALUES:
+        node = schema
+        for part in key.split("."):
+            node = node["properties"][part]
+        assert node["deprecated"] is True, key
 
 
 @pytest.mark.parametrize(
@@ -256,6 +272,7 @@ def test_schema_and_values_list_the_same_keys(chart: helm.Chart) -> None:
         ({"config": {"logLevel": "verbose"}}, "at '/config/logLevel'"),
         ({"config": {"requests": "peek"}}, "at '/config/requests': value must be one of 'http', 'turns'"),
         ({"config": {"cgroupRoot": "sys/fs/cgroup"}}, "at '/config/cgroupRoot'"),
+        ({"config": {"kernelHeaders": "usr/src/linux"}}, "at '/config/kernelHeaders'"),
         ({"image": {"pullPolicy": "always"}}, "at '/image/pullPolicy'"),
         ({"image": {"digest": "abc"}}, "at '/image/digest'"),
         ({"serviceMonitor": {"interval": "30"}}, "at '/serviceMonitor/interval'"),
@@ -452,8 +469,6 @@ def test_mounts_are_read_only_except_tmp(chart: helm.Chart) -> None:
         if "hostPath" in volumes[m["name"]]
     }
     assert host == {
-        "/lib/modules": "/lib/modules",
-        "/usr/src": "/usr/src",
         "/host/sys/fs/cgroup": "/sys/fs/cgroup",
         "/sys/fs/bpf": "/sys/fs/bpf",
         "/run/podnet": "/run/podnet",
@@ -466,8 +481,9 @@ def test_mounts_are_read_only_except_tmp(chart: helm.Chart) -> None:
     assert mounts["/etc/podnet"]["readOnly"] is True
     assert volumes[mounts["/tmp"]["name"]]["emptyDir"] == {"sizeLimit": "64Mi"}
     assert not mounts["/tmp"].get("readOnly")
-    # Nothing else of the host: no /proc, /sys/kernel/debug, tracefs or the runtime socket.
-    assert len(mounts) == 7
+    # Nothing else of the host: no kernel headers (the image has its own), no /proc,
+    # /sys/kernel/debug, tracefs or the runtime socket.
+    assert len(mounts) == 5
     assert r.exporter_config["cgroup_root"] == "/host/sys/fs/cgroup"
     assert (r.exporter_config["pin_dir"], r.exporter_config["state_dir"]) == (
         "/sys/fs/bpf/podnet",
@@ -476,8 +492,98 @@ def test_mounts_are_read_only_except_tmp(chart: helm.Chart) -> None:
     off = render(chart, {"persistence": {"enabled": False}})
     assert {m["mountPath"] for m in off.container["volumeMounts"]}.isdisjoint({"/sys/fs/bpf", "/run/podnet"})
     assert off.exporter_config["pin_dir"] == "none"
-    no_src = render(chart, {"hostPaths": {"usrSrc": ""}})
-    assert "/usr/src" not in {m["mountPath"] for m in no_src.container["volumeMounts"]}
+
+
+def _under(path: str, top: str) -> bool:
+    """Whether `path` is `top`, below it or above it (a mount of / or /usr shows /usr/src too)."""
+    parts, top_parts = Path(path).parts, Path(top).parts
+    n = min(len(parts), len(top_parts))
+    return parts[:n] == top_parts[:n]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        None,
+        EVERYTHING_ON,
+        {"persistence": {"enabled": False}},
+        {"securityContext": {"privileged": True}},
+        {"config": {"kernelHeaders": "auto"}},
+        *WEB_MODES.values(),
+    ],
+    ids=["defaults", "everything-on", "no-persistence", "privileged", "kernel-headers-auto", *WEB_MODES],
+)
+def test_no_kernel_headers_from_the_node(chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    """The image carries its own kernel headers: nothing under /lib/modules or /usr/src comes from the
+    host, by any volume type (hostPath of any type, read-only or not), and nothing is mounted there."""
+    r = render(chart, values)
+    host_paths = [v["hostPath"]["path"] for v in r.pod["volumes"] if "hostPath" in v]
+    assert host_paths  # the cgroup tree at least
+    for top in REMOVED_VALUES.values():
+        for path in host_paths:
+            assert not _under(path, top), f"hostPath {path} exposes the node's {top}"
+        for mount in r.container["volumeMounts"]:
+            assert not _under(mount["mountPath"], top), mount
+    assert not any(v["name"] in ("lib-modules", "usr-src") for v in r.pod["volumes"])
+    assert '"/lib/modules"' not in json.dumps(r.daemonset) and '"/usr/src"' not in json.dumps(r.daemonset)
+
+
+@pytest.mark.parametrize("key", sorted(REMOVED_VALUES))
+@pytest.mark.parametrize("value", ["/lib/modules", "/usr/src", "", "/srv/headers"])
+def test_removed_host_path_values_are_rejected_with_the_fix(chart: helm.Chart, key: str, value: str) -> None:
+    group, name = key.split(".")
+    with pytest.raises(helm.HelmValuesError) as exc:
+        chart.render({group: {name: value}}, name=RELEASE, namespace=NAMESPACE)
+    text = str(exc.value)
+    assert f"at '/{group}/{name}': value must be 'left unset: {key} was removed" in text
+    assert "the image carries its own kernel headers" in text
+    assert f"--set {key}=null" in text and "Upgrading in docs/HELM.md" in text
+
+
+def test_removed_values_from_an_old_release_can_be_deleted(tmp_path: Path) -> None:
+    """helm upgrade --reuse-values renders the new chart with the old chart's defaults, which had both
+    keys: the upgrade fails with the message until they are set to null (which deletes them)."""
+    old = tmp_path / "podnet-exporter"
+    shutil.copytree(CHART_DIR, old)
+    values = values_yaml()
+    values["hostPaths"] = {"libModules": "/lib/modules", "usrSrc": "/usr/src", **values["hostPaths"]}
+    (old / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    with helm.Chart.load(old) as reused:
+        with pytest.raises(helm.HelmValuesError, match=re.escape("hostPaths.libModules was removed")):
+            reused.render({}, name=RELEASE, namespace=NAMESPACE)
+        nulls = {"hostPaths": dict.fromkeys(("libModules", "usrSrc"))}
+        r = Rendered(reused.render(nulls, name=RELEASE, namespace=NAMESPACE))
+    assert {m["mountPath"] for m in r.container["volumeMounts"]}.isdisjoint(REMOVED_VALUES.values())
+
+
+def container_environ(r: Rendered) -> dict[str, str]:
+    """The exporter's environment: the image's ENV headers tree, replaced by the pod's plain env values."""
+    env = {"PODNET_KERNEL_HEADERS": IMAGE_HEADERS}
+    env.update({e["name"]: e["value"] for e in r.container["env"] if "value" in e})
+    return env
+
+
+OWN_HEADERS = "/host/usr/src/linux-headers-6.1.0-13-amd64"
+
+
+@pytest.mark.parametrize(
+    ("value", "pod_env", "kernel_headers"),
+    [
+        ("", None, IMAGE_HEADERS),  # the image's tree
+        (OWN_HEADERS, OWN_HEADERS, OWN_HEADERS),
+        ("auto", "", None),  # None: the exporter's own search, down to /lib/modules/$(uname -r)/build
+    ],
+    ids=["image", "path", "auto"],
+)
+def test_kernel_headers_setting_replaces_the_images_tree(
+    chart: helm.Chart, tmp_path: Path, value: str, pod_env: str | None, kernel_headers: str | None
+) -> None:
+    r = render(chart, {"config": {"kernelHeaders": value}})
+    env = {e["name"]: e.get("value") for e in r.container["env"]}
+    assert env.get("PODNET_KERNEL_HEADERS") == pod_env
+    # Not in the ConfigMap: the image's PODNET_KERNEL_HEADERS would win over the file.
+    assert "kernel_headers" not in r.exporter_config
+    assert resolved(r, tmp_path, container_environ(r)).kernel_headers == kernel_headers
 
 
 def test_container_command_env_ports_and_probes(chart: helm.Chart) -> None:
@@ -1163,8 +1269,14 @@ def test_docs_list_every_value() -> None:
     assert table - keys == set(), "docs/HELM.md documents values that do not exist"
     for cap in ("BPF", "PERFMON"):
         assert f"`{cap}`" in docs, cap
-    for path in ("/lib/modules", "/usr/src", "/sys/fs/cgroup", "/tmp"):
+    for path in ("/sys/fs/cgroup", "/tmp", "/sys/kernel/btf/vmlinux", IMAGE_HEADERS):
         assert f"`{path}`" in docs, path
+    # The removed values and mounts are explained where an upgrading user looks.
+    upgrading = docs.split("\n## Upgrading\n", 1)[1].split("\n## ", 1)[0]
+    for key, path in REMOVED_VALUES.items():
+        assert f"`{key}`" in upgrading and f"`{path}`" in upgrading, key
+        assert f"--set {key}=null" in upgrading, key
+    assert "config.kernelHeaders" in upgrading and "extraVolumes" in upgrading
     assert "helm install podnet helm/podnet-exporter -n podnet --create-namespace" in docs
 
 

@@ -310,9 +310,10 @@ class FakeKubeApi:
         self._app.call(self._drop(mid_line))
         return n
 
-    def bookmark(self) -> None:
-        """Send a BOOKMARK with the current resourceVersion on every watch that allows them."""
-        self._control(("bookmark", None))
+    def bookmark(self, rv: str | None = None) -> None:
+        """Send a BOOKMARK with the current resourceVersion (or `rv`, as a server of another
+        version scheme might) on every watch that allows them."""
+        self._control(("bookmark", rv))
 
     def error_event(self, code: int, reason: str, message: str) -> None:
         """Send an ERROR event (a Status) on every open watch, which then ends, as the server does."""
@@ -427,14 +428,14 @@ class FakeKubeApi:
     ) -> web.StreamResponse:
         rv_text = params.get("resourceVersion", "")
         initial: list[dict[str, Any]] = []
+        if rv_text not in ("", "0") and not rv_text.isdigit():
+            msg = f"invalid resource version: {rv_text}"
+            return self._respond("watch", params, auth, 400, status(400, "BadRequest", msg))
         with self._lock:
             if rv_text in ("", "0"):
                 pods = [p for p in self._pods.values() if node is None or _node_of(p) == node]
                 initial = copy.deepcopy(sorted(pods, key=lambda p: int(p["metadata"]["resourceVersion"])))
                 sent = self._rv
-            elif not rv_text.isdigit():
-                msg = f"invalid resource version: {rv_text}"
-                return self._respond("watch", params, auth, 400, status(400, "BadRequest", msg))
             else:
                 sent = int(rv_text)
             expired = sent < self._floor
@@ -485,7 +486,7 @@ class FakeKubeApi:
                             request.transport.abort()
                         return resp
                     if what == "bookmark" and w.bookmarks:
-                        await resp.write(_line("BOOKMARK", _bookmark(current)))
+                        await resp.write(_line("BOOKMARK", _bookmark(current if arg is None else arg)))
                     elif what == "error":
                         await resp.write(_line("ERROR", arg))
                         stop = True
@@ -516,7 +517,7 @@ class FakeKubeApi:
             w.closed.set()
 
 
-def _bookmark(rv: int) -> dict[str, Any]:
+def _bookmark(rv: int | str) -> dict[str, Any]:
     # What the API server sends: an empty object of the watched kind but for its resourceVersion.
     return {
         "kind": "Pod",

@@ -120,7 +120,8 @@ class KubeError(Exception):
 
 
 class _Expired(Exception):
-    """The resourceVersion is no longer in the server's history (410 Gone): relist."""
+    """The resourceVersion is no longer in the server's history (410 Gone), or the server
+    refuses to watch from it (400): relist."""
 
 
 def _show(value: object) -> str:
@@ -481,6 +482,11 @@ class KubeWatcher:
         self.watches += 1
         async with await self._get(session, params, timeout) as resp:
             if resp.status == 410:
+                raise _Expired
+            if resp.status == 400:
+                # Not a version this server watches from (another server's, or one it never
+                # issued): retrying it would fail for ever; client-go lists again too.
+                log.warning("%s; relisting", await self._http_error(resp, "watching"))
                 raise _Expired
             if resp.status != 200:
                 raise await self._http_error(resp, "watching")

@@ -209,6 +209,22 @@ async def test_bookmarks_advance_the_resource_version(api: FakeKubeApi, token_fi
         assert len(api.lists()) == 1
 
 
+@async_test
+async def test_a_watch_refused_with_400_relists(api: FakeKubeApi, token_file: Path) -> None:
+    # A resourceVersion the server will not watch from (here: one it never issued) would be
+    # retried for ever; like client-go, the watcher lists again instead.
+    async with running(watcher(api, token_file)) as w:
+        await synced(w, api)
+        api.bookmark("not-a-version")
+        await eventually(lambda: w.resource_version == "not-a-version", "odd bookmark RV adopted")
+        api.drop_watches()
+        await eventually(lambda: len(api.lists()) == 2, "relist after the 400")
+        await eventually(lambda: w.resource_version is not None and w.resource_version.isdigit(), "listed RV")
+        api.add_pod(make_pod("after", node=NODE))
+        await eventually(lambda: names(w) == {"after"}, "watching again")
+        assert [r.status for r in api.watches()].count(400) == 1
+
+
 # ---- expiry, drops, outages ----------------------------------------------------------------------------
 
 

@@ -212,8 +212,6 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if pusher is not None:
-            await asyncio.to_thread(pusher.shutdown)
         pins = parts.programs.pins
         # With pins the programs keep counting for the next start (an upgrade, a restart):
         # nothing counted in between is lost. Without, detach: nothing outlives the exporter.
@@ -226,6 +224,10 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
                 "'podnet-exporter reset' detaches them",
                 pins.dir,
             )
+        if pusher is not None:
+            # Last: the final push of the last snapshot may wait up to --otlp-timeout for a
+            # slow collector, and nothing else should wait behind it.
+            await asyncio.to_thread(pusher.shutdown)
 
 
 def make_app(config: Config, web_state: WebState | None = None) -> web.Application:

@@ -524,3 +524,14 @@ def _bookmark(rv: int | str) -> dict[str, Any]:
         "apiVersion": "v1",
         "metadata": {"resourceVersion": str(rv), "creationTimestamp": None},
     }
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait on the running loop until `predicate()` holds; AssertionError naming `what` after
+    `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.01)

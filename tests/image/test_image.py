@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from exporter_proc import Scrape, free_port, parse
+from exporter_proc import Scrape, free_port, fresh_scrape, parse
 from image_results import RESULTS
 from podsim import SimCluster, SimPod, cgroup2_mount, full_labels
 from test_tcp_metrics import client, finish, serve
@@ -239,14 +239,7 @@ class Container:
         return parse(body.decode())
 
     def fresh_scrape(self, polls: int = 2, timeout: float = 30) -> Scrape:
-        start = self.scrape().value("podnet_exporter_polls_total")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.scrape()
-            if s.value("podnet_exporter_polls_total") >= start + polls:
-                return s
-            time.sleep(0.05)
-        raise AssertionError("the exporter stopped polling")
+        return fresh_scrape(self.scrape, polls, timeout)
 
     def log(self) -> str:
         return podman("logs", self.name, check=False).stdout + podman("logs", self.name, check=False).stderr

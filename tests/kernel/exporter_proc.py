@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,16 +118,7 @@ class ExporterProcess:
         return parse(body.decode())
 
     def fresh_scrape(self, polls: int = 2, timeout: float = 30) -> Scrape:
-        """A scrape from a poll that started after this call: wait until the poll counter
-        advanced by `polls` (one may have been under way when called)."""
-        start = self.scrape().value("podnet_exporter_polls_total")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.scrape()
-            if s.value("podnet_exporter_polls_total") >= start + polls:
-                return s
-            time.sleep(0.05)
-        raise TimeoutError("exporter stopped polling")
+        return fresh_scrape(self.scrape, polls, timeout)
 
     def log(self) -> str:
         self._log.flush()
@@ -145,6 +136,19 @@ class ExporterProcess:
         if self.owns_state:
             reset(self.state)
         return self.proc.returncode
+
+
+def fresh_scrape(scrape: Callable[[], Scrape], polls: int = 2, timeout: float = 30) -> Scrape:
+    """A scrape from a poll that started after this call: wait until the poll counter
+    advanced by `polls` (one may have been under way when called)."""
+    start = scrape().value("podnet_exporter_polls_total")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = scrape()
+        if s.value("podnet_exporter_polls_total") >= start + polls:
+            return s
+        time.sleep(0.05)
+    raise TimeoutError("exporter stopped polling")
 
 
 def rss_kib(pid: int) -> int:

@@ -40,7 +40,7 @@ from exporter.pods.metadata import PodStore
 from exporter.pods.pods import MIRROR_ANNOTATION, PodMeta, PodMetadataError, pod_from_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fake_kube_api import FakeKubeApi  # lives in tests/
+from fake_kube_api import FakeKubeApi, eventually  # lives in tests/
 
 NODE = "node-a"
 FUZZ = settings(
@@ -688,15 +688,6 @@ async def watching(api: ScriptedApi) -> AsyncIterator[tuple[KubeWatcher, asyncio
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 GARBAGE = {

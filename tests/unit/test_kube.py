@@ -33,7 +33,7 @@ from exporter.pods.kube import Backoff, KubeConfig, KubeWatcher, Timing, parse_p
 from exporter.pods.metadata import MetadataSourceState, PodStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fake_kube_api import FakeKubeApi, make_pod  # lives in tests/, shared with the kernel tests
+from fake_kube_api import FakeKubeApi, eventually, make_pod  # lives in tests/, shared with the kernel tests
 
 NODE = "node-a"
 TOKEN = "test-token"
@@ -59,15 +59,6 @@ def async_test(fn: Callable[P, Awaitable[None]]) -> Callable[P, None]:
         asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))  # type: ignore[arg-type]
 
     return run
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -46,7 +46,6 @@ FAST = Timing(
     idle_slack=5.0,
     min_healthy_watch=0.2,
 )
-WAIT = 10.0
 
 P = ParamSpec("P")
 

@@ -168,6 +168,7 @@ class Poller:
         self._gen_maps = pins.generation_map_ids() if pins is not None else ()
         self.otlp_stats: Callable[[], tuple[int, int, float] | None] = lambda: None
         self.file_health = FileSourceHealth() if parts.pods_file is not None else None
+        self._http_responses: dict[tuple[str, str], int] = {}
         self._build = (
             __version__,
             platform.python_version(),
@@ -277,6 +278,7 @@ class Poller:
             otlp=self.otlp_stats(),
             retired_dropped=self.retired.dropped,
             metadata=self._metadata_states(),
+            http=self._http_responses,
         )
         snap = build_snapshot(
             raw,
@@ -333,6 +335,9 @@ class Poller:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            # Copied here, on the loop that counts them: the poll's thread must not iterate
+            # a dict the handlers are adding to.
+            self._http_responses = dict(self.snapshots.responses)
             work = asyncio.ensure_future(asyncio.to_thread(self.poll_once))
             try:
                 rendered = await asyncio.shield(work)

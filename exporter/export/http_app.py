@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ class SnapshotStore:
         """Event-loop time of the last successful poll."""
         self.stale_after = stale_after
         """Seconds after the last successful poll at which /readyz turns 503; None: never."""
+        self.responses: Counter[tuple[str, str]] = Counter()
+        """(handler, status code) -> requests answered; the poller exports them."""
 
     def not_ready(self, now: float) -> str:
         """Why /readyz should fail at loop time `now`, "" when ready."""
@@ -107,6 +110,26 @@ def _unauthorized() -> web.Response:
         text="401 Unauthorized\n",
         headers={"WWW-Authenticate": 'Basic realm="podnet"'},
     )
+
+
+HANDLERS = {"/metrics": "metrics", "/healthz": "healthz", "/readyz": "readyz", "/": "index"}
+"""Paths by handler label; any other path counts as "other" (the label stays bounded)."""
+
+
+@web.middleware
+async def count(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Outermost: every answer is counted, refusals (401, 403, 429) and 404/405 included."""
+    responses = request.app[SNAPSHOTS].responses
+    name = HANDLERS.get(request.path, "other")
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        responses[name, str(e.status)] += 1
+        raise
+    responses[name, str(response.status)] += 1
+    return response
 
 
 @web.middleware
@@ -233,6 +256,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.middlewares.append(count)
     app.middlewares.append(guard)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -297,6 +297,12 @@ SERIES_DROPPED = MetricSpec(
     "Label sets left out of a poll's snapshot because their family was at --max-series, summed over polls.",
     ("metric",),
 )
+HTTP_REQUESTS = MetricSpec(
+    "podnet_exporter_http_requests",
+    Kind.COUNTER,
+    "HTTP requests answered, by handler and status code (401: credentials refused), as of the last poll.",
+    ("handler", "code"),
+)
 
 SELF_FAMILIES: tuple[MetricSpec, ...] = (
     BUILD_INFO,
@@ -319,6 +325,7 @@ SELF_FAMILIES: tuple[MetricSpec, ...] = (
     METADATA_LAST_SYNC,
     METADATA_RELISTS,
     METADATA_ERRORS,
+    HTTP_REQUESTS,
 )
 ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + INFO_FAMILIES + SELF_FAMILIES
 

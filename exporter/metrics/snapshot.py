@@ -50,6 +50,8 @@ class ExporterState:
     """(exports ok, exports failed, last success unix time) when OTLP is on."""
     retired_dropped: int = 0
     metadata: tuple[MetadataSourceState, ...] = ()
+    http: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(handler, status code) -> HTTP requests answered."""
 
 
 class _Acc:
@@ -263,6 +265,8 @@ def _self_metrics(acc: _Acc, raw: RawData, state: ExporterState, now: float) -> 
         acc.add(m.METADATA_LAST_SYNC, (source.source,), source.last_sync)
         acc.add(m.METADATA_RELISTS, (source.source,), source.relists)
         acc.add(m.METADATA_ERRORS, (source.source,), source.errors)
+    for labels, n in state.http.items():
+        acc.add(m.HTTP_REQUESTS, labels, n)
     for program, (ns, runs) in state.bpf_stats.items():
         acc.add(m.PROG_RUN_TIME, (program,), ns / NS_PER_S)
         acc.add(m.PROG_RUN_COUNT, (program,), runs)

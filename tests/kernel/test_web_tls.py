@@ -166,6 +166,9 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_path: Path) -> None:
         assert "401" in errors["podnet-wrong-password"], errors
         assert errors["podnet"] == "", errors
         assert errors["podnet-no-client-cert"], errors
+        # The refusals are counted: the wrong-password job's scrapes and the requests above.
+        refused = prom.value('podnet_exporter_http_requests_total{job="podnet",handler="metrics",code="401"}')
+        assert refused is not None and refused >= 4, refused
         for output in (exp.log(), prom.log()):
             assert PASSWORD not in output and hashed not in output
     finally:

@@ -82,6 +82,17 @@ def test_basic_auth_guards_metrics_not_probes(tmp_path: Path) -> None:
         wrong_method = await client.post("/metrics", headers=basic("prom", PASSWORD))
         assert wrong_method.status == 405
         assert wrong_method.headers["X-Frame-Options"] == "deny"
+        # Every answer is counted by handler and code, refusals included.
+        responses = client.server.app[SNAPSHOTS].responses
+        assert responses == {
+            ("metrics", "401"): 4,
+            ("index", "401"): 4,
+            ("metrics", "200"): 1,
+            ("healthz", "200"): 1,
+            ("readyz", "200"): 1,
+            ("other", "404"): 1,
+            ("metrics", "405"): 1,
+        }
 
     serve(state, scenario)
 
@@ -111,6 +122,7 @@ def test_requests_waiting_for_bcrypt_are_bounded(tmp_path: Path, monkeypatch: py
         over = await client.get("/metrics", headers=basic("prom", "guess-3"))
         assert over.status == 429
         assert over.headers["Retry-After"] == "1"
+        assert client.server.app[SNAPSHOTS].responses["metrics", "429"] == 1
         release.set()
         assert [r.status for r in await asyncio.gather(*waiting)] == [401, 401]
         assert state.auth_waiting == 0

@@ -10,6 +10,9 @@ from collections import Counter
 import pytest
 
 from exporter.app.poller import Poller
+from exporter.export.http_app import SnapshotStore
+from exporter.export.prometheus import Exposition
+from exporter.metrics.model import BucketLayout
 
 
 class BlockedPoller(Poller):
@@ -20,6 +23,7 @@ class BlockedPoller(Poller):
         self.started = threading.Event()
         self.release = threading.Event()
         self.finished = False
+        self.snapshots = SnapshotStore(Exposition(BucketLayout(0)))
 
     def poll_once(self):  # type: ignore[no-untyped-def]
         self.started.set()

@@ -325,6 +325,7 @@ def test_every_sample_matches_its_family() -> None:
         otlp=(1, 1, 1.0),
         retired_dropped=1,
         metadata=(MetadataSourceState("kubernetes", True, 1.0, 1, 0),),
+        http={("metrics", "200"): 3, ("metrics", "401"): 1},
     )
     raw.map_failures = {"m": 1}
     raw.map_entries = {"m": 1}

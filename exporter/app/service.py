@@ -334,8 +334,6 @@ async def serve(config: Config) -> bool:
         log.info("serving /metrics on %s://%s:%d%s", scheme, host, config.listen_port, auth)
         if signals.stop.is_set():  # a signal between the end of start-up and now
             return False
-        if web_state is None:
-            signals.reload.clear()
         async with asyncio.TaskGroup() as tg:
             poller = app[POLLER]
             tasks = [tg.create_task(poller.run(), name="poller")]

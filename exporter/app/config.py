@@ -115,6 +115,8 @@ class Config:
     """/readyz fails once the last successful poll is older than this many intervals."""
     web_config_file: str | None = None
     """The exporter-toolkit web config file (TLS, basic auth); None: plain HTTP, no auth."""
+    web_max_requests: int = 40
+    """Scrapes of /metrics answered at once (node_exporter's --web.max-requests); 0: no limit."""
 
 
 # --- where a value came from ----------------------------------------------------------------------------

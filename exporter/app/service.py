@@ -18,7 +18,7 @@ from aiohttp import web
 from exporter.app.checkpoint import Checkpoint, SavedState, StateLock
 from exporter.app.config import Config
 from exporter.app.poller import Poller, PollerParts, settle_heap
-from exporter.export.http_app import SNAPSHOTS, WEB, SnapshotStore, WebState, add_routes
+from exporter.export.http_app import MAX_REQUESTS, SNAPSHOTS, WEB, SnapshotStore, WebState, add_routes
 from exporter.export.prometheus import Exposition
 from exporter.export.web_config import WebConfigError, files_stamp, load_web_config
 from exporter.kernel.btf import Btf
@@ -233,6 +233,7 @@ async def _kernel_ctx(app: web.Application) -> AsyncIterator[None]:
 def make_app(config: Config, web_state: WebState | None = None) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
+    app[MAX_REQUESTS] = config.web_max_requests
     if web_state is not None:
         app[WEB] = web_state
     app.cleanup_ctx.append(_kernel_ctx)

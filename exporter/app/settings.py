@@ -123,6 +123,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
        "`--web.config.file`); re-read when it or its certificates change, and on SIGHUP",
        _file("pass the web config file (node_exporter's --web.config.file format)"), None,
        aliases=("--web.config.file",)),
+    _S("web_max_requests", "N", "scrapes of /metrics answered at once, more get 503; 0: none (default 40)",
+       "`40`", "scrapes of `/metrics` answered at once; more get 503 and are counted "
+       "(`podnet_exporter_http_requests_total{code=\"503\"}`); 0: no limit (also `--web.max-requests`)",
+       _integer("must be a whole number >= 0 (0: no limit)", 0), 40, aliases=("--web.max-requests",)),
     _S("fresh", "", "discard the pinned maps and saved totals of a previous run; counters start from zero",
        "false", "start from zero: discard what a previous run left pinned and saved", _boolean, False,
        in_file=False),

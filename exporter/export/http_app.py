@@ -29,6 +29,8 @@ class SnapshotStore:
         """Event-loop time of the last successful poll."""
         self.stale_after = stale_after
         """Seconds after the last successful poll at which /readyz turns 503; None: never."""
+        self.in_flight = 0
+        """/metrics requests being answered (--web.max-requests)."""
         self.responses: Counter[tuple[str, str]] = Counter()
         """(handler, status code) -> requests answered; the poller exports them."""
 
@@ -42,6 +44,8 @@ class SnapshotStore:
 
 
 SNAPSHOTS = web.AppKey("snapshots", SnapshotStore)
+MAX_REQUESTS = web.AppKey("max_requests", int)
+"""Scrapes of /metrics answered at once; more get 503 (0 or unset: no limit)."""
 
 UNGUARDED = frozenset({"/healthz", "/readyz"})
 """Paths without basic auth: kubelet probes cannot send credentials, and they tell nothing
@@ -139,13 +143,15 @@ async def guard(
     state = request.app.get(WEB)
     if state is None:
         return await handler(request)
-    try:
-        response = await _guarded(request, handler, state)
-    except web.HTTPException as e:  # 404, 405: they get the configured headers too
-        e.headers.update(state.config.headers)
-        raise
-    response.headers.update(state.config.headers)
-    return response
+    return await _guarded(request, handler, state)
+
+
+async def _configured_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response as its headers go out (401, 404 and 405 included, and /metrics,
+    which sends its own body)."""
+    state = request.app.get(WEB)
+    if state is not None:
+        response.headers.update(state.config.headers)
 
 
 async def _guarded(
@@ -223,8 +229,27 @@ async def _plain(rendered: Rendered, attr: str) -> bytes:
     return body
 
 
-async def metrics(request: web.Request) -> web.Response:
-    rendered = request.app[SNAPSHOTS].current
+async def metrics(request: web.Request) -> web.StreamResponse:
+    store = request.app[SNAPSHOTS]
+    limit = request.app.get(MAX_REQUESTS, 0)
+    if limit and store.in_flight >= limit:
+        return web.Response(
+            status=503,
+            text=f"503 Service Unavailable: {limit} scrapes in flight (--web.max-requests)\n",
+            headers={"Retry-After": "1"},
+        )
+    store.in_flight += 1
+    try:
+        # Sent before the count drops: a slow reader holds its place until it has the body.
+        response = await _metrics_response(request, store.current)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    finally:
+        store.in_flight -= 1
+
+
+async def _metrics_response(request: web.Request, rendered: Rendered) -> web.Response:
     # Repeated header fields are one comma-separated list (RFC 9110, 5.3).
     om = _accepts_openmetrics(",".join(request.headers.getall("Accept", ())))
     gz = _accepts_gzip(",".join(request.headers.getall("Accept-Encoding", ())))
@@ -258,6 +283,7 @@ async def index(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.middlewares.append(count)
     app.middlewares.append(guard)
+    app.on_response_prepare.append(_configured_headers)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -167,3 +167,40 @@ def test_reload_rules(tmp_path: Path) -> None:
         with pytest.raises(WebConfigError, match="restart the exporter"):
             running.replace(refused)
         assert running.context is new.context
+
+
+def test_scrapes_in_flight_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A scrape holds its place until its body is sent; the one beyond the limit gets 503.
+    release = asyncio.Event()
+    entered = asyncio.Event()
+    real = http_app._metrics_response
+
+    async def slow(request: web.Request, rendered: object) -> web.Response:
+        entered.set()
+        await release.wait()
+        return await real(request, rendered)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http_app, "_metrics_response", slow)
+
+    async def main() -> None:
+        exposition = Exposition(m.BucketLayout(0))
+        store = SnapshotStore(exposition)
+        app = web.Application()
+        app[SNAPSHOTS] = store
+        app[http_app.MAX_REQUESTS] = 1
+        add_routes(app)
+        async with TestClient(TestServer(app)) as client:
+            first = asyncio.create_task(client.get("/metrics"))
+            await asyncio.wait_for(entered.wait(), 30)
+            over = await client.get("/metrics")
+            assert over.status == 503
+            assert over.headers["Retry-After"] == "1"
+            assert (await client.get("/healthz")).status == 200, "probes are not scrapes"
+            release.set()
+            assert (await first).status == 200
+            assert store.in_flight == 0
+            assert (await client.get("/metrics")).status == 200
+            assert store.responses["metrics", "503"] == 1
+            assert store.responses["metrics", "200"] == 2
+
+    asyncio.run(main())

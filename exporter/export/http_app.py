@@ -44,6 +44,8 @@ class SnapshotStore:
 
 
 SNAPSHOTS = web.AppKey("snapshots", SnapshotStore)
+SEND_TIMEOUT = 60.0
+"""Seconds a scrape of /metrics may take to be answered and sent before its connection is cut."""
 MAX_REQUESTS = web.AppKey("max_requests", int)
 """Scrapes of /metrics answered at once; more get 503 (0 or unset: no limit)."""
 
@@ -240,11 +242,17 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         )
     store.in_flight += 1
     try:
-        # Sent before the count drops: a slow reader holds its place until it has the body.
-        response = await _metrics_response(request, store.current)
-        await response.prepare(request)
-        await response.write_eof()
+        # Sent before the count drops: a slow reader holds its place until it has the body,
+        # but no longer than SEND_TIMEOUT, or readers that never read would hold every place.
+        async with asyncio.timeout(SEND_TIMEOUT):
+            response = await _metrics_response(request, store.current)
+            await response.prepare(request)
+            await response.write_eof()
         return response
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise web.HTTPRequestTimeout() from None
     finally:
         store.in_flight -= 1
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import bcrypt
 import pytest
 import yaml
@@ -202,5 +203,32 @@ def test_scrapes_in_flight_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
             assert (await client.get("/metrics")).status == 200
             assert store.responses["metrics", "503"] == 1
             assert store.responses["metrics", "200"] == 2
+
+    asyncio.run(main())
+
+
+def test_a_scrape_that_takes_too_long_gives_its_place_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reader that never reads must not keep a place under --web.max-requests for ever.
+    stuck = asyncio.Event()
+
+    async def never(request: web.Request, rendered: object) -> web.Response:
+        await stuck.wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(http_app, "_metrics_response", never)
+    monkeypatch.setattr(http_app, "SEND_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        store = SnapshotStore(Exposition(m.BucketLayout(0)))
+        app = web.Application()
+        app[SNAPSHOTS] = store
+        app[http_app.MAX_REQUESTS] = 1
+        add_routes(app)
+        async with TestClient(TestServer(app)) as client:
+            with pytest.raises(aiohttp.ClientError):
+                await (await client.get("/metrics", timeout=aiohttp.ClientTimeout(total=10))).read()
+            assert store.in_flight == 0
+            monkeypatch.undo()
+            assert (await client.get("/metrics")).status == 200
 
     asyncio.run(main())

@@ -69,8 +69,9 @@ _HEADERS_AUTO = ("$BCC_KERNEL_SOURCE, podnet's own tree /var/lib/podnet/kernel-h
                  "/lib/modules/$(uname -r)/build")
 SETTINGS: Final[tuple[Setting, ...]] = (
     _S("listen", "HOST:PORT", "address for /metrics, [v6]:PORT for IPv6 (default 0.0.0.0:9436)",
-       "`0.0.0.0:9436`", "address of `/metrics`, `/healthz`, `/readyz` (`[::]:9436` for IPv6)", _listen,
-       ("0.0.0.0", 9436)),
+       "`0.0.0.0:9436`", "address of `/metrics`, `/healthz`, `/readyz` (`[::]:9436` for IPv6; also "
+       "`--web.listen-address`, as node_exporter spells it)", _listen, ("0.0.0.0", 9436),
+       aliases=("--web.listen-address",)),
     _S("poll_interval", "SECONDS", "how often to read the BPF maps (default 5)", "`5`",
        "seconds between reads of the kernel maps", _positive("seconds", _MAX_POLL_INTERVAL), 5.0),
     _S("pods_file", "PATH", "read pods from this `kubectl get pods -o json` output, not the API", "none",

@@ -278,3 +278,12 @@ def test_bad_web_config_fails_at_startup_in_one_line(
         line = assert_one_error_line(proc, str(web), *names)
         assert proc.returncode == 1
         assert "s3cr3t" not in line
+
+
+def test_node_exporter_flag_spellings_are_accepted() -> None:
+    # Users moving from node_exporter keep their flags: --web.listen-address, --web.config.file.
+    ns = build_parser().parse_args(
+        ["run", "--web.listen-address", "127.0.0.1:9999", "--web.max-requests", "3"]
+    )
+    assert ns.listen == "127.0.0.1:9999"
+    assert ns.web_max_requests == "3"

@@ -821,7 +821,7 @@ def test_no_command() -> None:
         ),
         (["--listen=0.0.0.0:1", "run"], "--listen: options go after the command"),
         (["run", "--bogus"], "unrecognized arguments: --bogus"),
-        (["run", "--listen"], "argument --listen: expected one argument"),
+        (["run", "--listen"], "argument --listen/--web.listen-address: expected one argument"),
         (["run", "--list", "0.0.0.0:1"], "unrecognized arguments"),  # no abbreviations
         (["run", "extra"], "unrecognized arguments: extra"),
         (["doctor", "--listen", "0.0.0.0:1"], "unrecognized arguments: --listen"),

@@ -20,7 +20,7 @@ from exporter.app.config import Config
 from exporter.app.poller import Poller, PollerParts, settle_heap
 from exporter.export.http_app import MAX_REQUESTS, SNAPSHOTS, WEB, SnapshotStore, WebState, add_routes
 from exporter.export.prometheus import Exposition
-from exporter.export.web_config import WebConfigError, files_stamp, load_web_config
+from exporter.export.web_config import WebConfigError, files_stamp
 from exporter.kernel.btf import Btf
 from exporter.kernel.maps import MapReader
 from exporter.kernel.offsets import Offsets, resolve_offsets
@@ -265,12 +265,6 @@ def _install_signals(loop: asyncio.AbstractEventLoop, signals: _Signals) -> None
     loop.add_signal_handler(signal.SIGHUP, signals.reload.set)
 
 
-def _read_web(path: str) -> WebState:
-    """Blocking: the file, its certificates, a TLS context built from them."""
-    config = load_web_config(path)
-    return WebState.of(config, files_stamp(config.files()))
-
-
 async def _watch_web(state: WebState, signals: _Signals, poller: Poller) -> None:
     """Re-read the web config when it or a file it names changes (a renewed certificate, a
     rotated Secret), or on SIGHUP. A bad new version is counted and logged; the last good
@@ -284,7 +278,7 @@ async def _watch_web(state: WebState, signals: _Signals, poller: Poller) -> None
             stamp = await asyncio.to_thread(files_stamp, state.config.files())
             if stamp == state.stamp and not hup:
                 continue
-            new = await asyncio.to_thread(_read_web, state.config.path)
+            new = await asyncio.to_thread(WebState.read, state.config.path)
             state.replace(new)
         except WebConfigError as e:
             poller.errors["web_config"] += 1
@@ -304,7 +298,7 @@ async def serve(config: Config) -> bool:
     _install_signals(loop, signals)
     try:
         web_state = (
-            await asyncio.to_thread(_read_web, config.web_config_file) if config.web_config_file else None
+            await asyncio.to_thread(WebState.read, config.web_config_file) if config.web_config_file else None
         )
         app = make_app(config, web_state)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -1,6 +1,6 @@
 """HTTP endpoints: /metrics, /healthz, /readyz. Handlers only read the published snapshot.
-With a web config file, a middleware checks basic auth and allowed client certificate
-names and adds the configured response headers."""
+With a web config file, a middleware checks allowed client certificate names and basic
+auth, and every response carries the configured headers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.export.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Exposition, Rendered
-from exporter.export.web_config import BasicAuth, WebConfig, WebConfigError
+from exporter.export.web_config import (
+    BasicAuth,
+    WebConfig,
+    WebConfigError,
+    files_stamp,
+    load_web_config_with_context,
+)
 from exporter.metrics.model import EMPTY_SNAPSHOT
 
 
@@ -71,22 +77,22 @@ class WebState:
     auth_waiting: int = 0
 
     @classmethod
-    def of(cls, config: WebConfig, stamp: object) -> WebState:
-        """Blocking: builds the TLS context from the certificate files."""
+    def read(cls, path: str) -> WebState:
+        """Blocking: the file, its certificates, and a TLS context built from them once."""
+        config, context = load_web_config_with_context(path)
         auth = BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
-        return cls(config, stamp, auth, config.ssl_context())
+        return cls(config, files_stamp(config.files()), auth, context)
 
     def replace(self, new: WebState) -> None:
-        if (new.context is None) != (self.context is None):
-            now = "on" if new.context is not None else "off"
-            raise WebConfigError(
-                f"web config file {new.config.path}: TLS cannot be turned {now} while running "
-                "(the listener's scheme is fixed); restart the exporter to apply it"
-            )
         old_tls, new_tls = self.config.tls, new.config.tls
-        fixed = old_tls.unswappable_changes(new_tls) if old_tls is not None and new_tls is not None else ()
-        if fixed:
+        if (old_tls is None) != (new_tls is None):
+            fixed: tuple[str, ...] = ("tls_server_config (TLS on or off: the listener's scheme)",)
+        elif old_tls is not None and new_tls is not None:
             # The listener's context decides these before the SNI callback can swap it.
+            fixed = old_tls.unswappable_changes(new_tls)
+        else:
+            fixed = ()
+        if fixed:
             raise WebConfigError(
                 f"web config file {new.config.path}: a change of {', '.join(fixed)} applies only at "
                 "start-up; restart the exporter to apply it"
@@ -138,16 +144,6 @@ async def count(
     return response
 
 
-@web.middleware
-async def guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    state = request.app.get(WEB)
-    if state is None:
-        return await handler(request)
-    return await _guarded(request, handler, state)
-
-
 async def _configured_headers(request: web.Request, response: web.StreamResponse) -> None:
     """On every response as its headers go out (401, 404 and 405 included, and /metrics,
     which sends its own body)."""
@@ -156,11 +152,14 @@ async def _configured_headers(request: web.Request, response: web.StreamResponse
         response.headers.update(state.config.headers)
 
 
-async def _guarded(
-    request: web.Request,
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    state: WebState,
+@web.middleware
+async def guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Allowed client certificate names, then basic auth, per the web config in force."""
+    state = request.app.get(WEB)
+    if state is None:
+        return await handler(request)
     config = state.config
     if config.tls is not None and config.tls.client_allowed_sans:
         peercert = request.transport.get_extra_info("peercert") if request.transport else None

@@ -70,6 +70,7 @@ __all__ = [
     "WebConfigError",
     "files_stamp",
     "load_web_config",
+    "load_web_config_with_context",
 ]
 
 
@@ -341,6 +342,12 @@ def _kind(value: object) -> str:
 
 def load_web_config(path: str) -> WebConfig:
     """Read and validate the file at `path`, including its certificates (blocking)."""
+    return load_web_config_with_context(path)[0]
+
+
+def load_web_config_with_context(path: str) -> tuple[WebConfig, ssl.SSLContext | None]:
+    """As load_web_config, and the TLS context the validation built (None without TLS), so
+    that serving does not read and parse the certificates a second time."""
     return _Loader(path).load()
 
 
@@ -353,7 +360,7 @@ class _Loader:
         where = f"{self.path}: {key}" if key else self.path
         return WebConfigError(f"web config file {where}: {problem}; {fix}")
 
-    def load(self) -> WebConfig:
+    def load(self) -> tuple[WebConfig, ssl.SSLContext | None]:
         data = self.read()
         top = self.mapping(
             data, "", "write a YAML mapping with tls_server_config, http_server_config or basic_auth_users"
@@ -363,8 +370,8 @@ class _Loader:
         http2, headers = self.http(top.get("http_server_config"))
         users = self.users(top.get("basic_auth_users"))
         config = WebConfig(self.path, tls, _frozen(users), _frozen(headers), http2)
-        config.ssl_context()  # so that an unusable certificate fails now, not at the first connection
-        return config
+        # Built now, so that an unusable certificate fails here, not at the first connection.
+        return config, config.ssl_context()
 
     def read(self) -> object:
         try:

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from exporter.export import http_app
 from exporter.export.http_app import SNAPSHOTS, WEB, SnapshotStore, WebState, add_routes
 from exporter.export.prometheus import Exposition
-from exporter.export.web_config import BasicAuth, WebConfigError, files_stamp, load_web_config
+from exporter.export.web_config import BasicAuth, WebConfigError
 from exporter.metrics import model as m
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,8 +39,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 def state_for(tmp: Path, config: dict[str, object]) -> WebState:
     path = tmp / "web-config.yml"
     path.write_text(yaml.safe_dump(config))
-    web_config = load_web_config(str(path))
-    return WebState.of(web_config, files_stamp(web_config.files()))
+    return WebState.read(str(path))
 
 
 def serve(state: WebState, scenario: Callable[[TestClient], Awaitable[None]]) -> None:

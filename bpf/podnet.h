@@ -248,6 +248,6 @@ static __always_inline u32 podnet_hist_slot(u64 ns)
  * own per-CPU array `map_update_failures`, indexed by its PODNET_MAPID_* constants.
  * BCC rewrites map calls only in the main source file, so each program defines the
  * array and its podnet_count_failure() itself. */
-#define PODNET_MAX_MAP_IDS 8
+#define PODNET_MAX_MAP_IDS 16
 
 #endif /* PODNET_H */

@@ -14,6 +14,8 @@
 
 #define PODNET_PROTO_OTHER 1
 #define PODNET_PROTO_HTTP 2
+#define PODNET_PROTO_HTTP2 3
+#define PODNET_PROTO_GRPC 4
 
 /* HTTP methods; keep in step with exporter/metrics/raw.py HTTP_METHODS. */
 #define PODNET_HTTP_GET 1
@@ -25,6 +27,8 @@
 #define PODNET_HTTP_OPTIONS 7
 #define PODNET_HTTP_CONNECT 8
 #define PODNET_HTTP_TRACE 9
+#define PODNET_HTTP_OTHER 10    /* HTTP/2: a method podnet does not decode */
+#define PODNET_HTTP2_PREFACE 0xff   /* not a method: the HTTP/2 connection preface */
 
 /* One map counts requests and their durations: a request's end is one map update. */
 struct podnet_request_key {
@@ -35,54 +39,83 @@ struct podnet_request_key {
     u8 status_class;   /* 1..5 for 1xx..5xx, 0 unknown */
     u32 slot;          /* duration histogram slot (podnet_hist_slot) */
     u32 gen;           /* podnet_gen when counted */
-    u32 pad;
+    u8 grpc_status;    /* gRPC status + 1, 0 unknown */
+    u8 pad[3];
 };
 
 #define PODNET_PEEK_BYTES 16
 
-#if defined(PODNET_OFF_PT_REGS_SI) && defined(PODNET_OFF_PT_REGS_ORIG_AX) && defined(PODNET_NR_READ) && \
+#if defined(PODNET_OFF_PT_REGS_SI) && defined(PODNET_OFF_PT_REGS_DX) && defined(PODNET_OFF_PT_REGS_ORIG_AX) && \
+    defined(PODNET_NR_READ) && \
     !defined(PODNET_NO_PEEK) && !defined(PODNET_NO_REQUESTS)
+#define PODNET_CAN_PEEK 1
 static long (*podnet_task_pt_regs)(struct task_struct *task) = (void *)BPF_FUNC_task_pt_regs;
 
-/* The first PODNET_PEEK_BYTES of the current read/write/send/recv syscall's buffer. */
-static __always_inline int podnet_peek(u8 *buf)
+/* The user buffer of the read/write/send/recv syscall in progress: a flat buffer, or an
+ * iovec array and its length. */
+struct podnet_sysbuf {
+    const char *buf;
+    const char *iov;
+    u64 cnt;
+};
+
+static __always_inline int podnet_syscall_buffer(struct podnet_sysbuf *b)
 {
     struct task_struct *task = bpf_get_current_task_btf();
     const char *regs = (const char *)podnet_task_pt_regs(task);
-    u64 nr = 0, arg = 0;
+    u64 nr = 0, arg = 0, arg3 = 0;
     if (!regs)
         return -1;
 #if defined(PODNET_TP_BTF)
     /* The registers are a BTF-typed struct pt_regs: plain loads. */
     arg = PODNET_LOAD(u64, regs, PODNET_OFF_PT_REGS_SI);
+    arg3 = PODNET_LOAD(u64, regs, PODNET_OFF_PT_REGS_DX);
     nr = PODNET_LOAD(u64, regs, PODNET_OFF_PT_REGS_ORIG_AX);
-#elif PODNET_OFF_PT_REGS_ORIG_AX == PODNET_OFF_PT_REGS_SI + 16
-    /* x86-64: si, di, orig_ax are adjacent; one read instead of two. */
-    u64 r[3] = {};
-    bpf_probe_read_kernel(r, sizeof(r), regs + PODNET_OFF_PT_REGS_SI);
-    arg = r[0];
-    nr = r[2];
+#elif PODNET_OFF_PT_REGS_ORIG_AX == PODNET_OFF_PT_REGS_SI + 16 && PODNET_OFF_PT_REGS_DX + 8 == PODNET_OFF_PT_REGS_SI
+    /* x86-64: dx, si, di, orig_ax are adjacent; one read instead of three. */
+    u64 r[4] = {};
+    bpf_probe_read_kernel(r, sizeof(r), regs + PODNET_OFF_PT_REGS_DX);
+    arg3 = r[0];
+    arg = r[1];
+    nr = r[3];
 #else
     bpf_probe_read_kernel(&nr, sizeof(nr), regs + PODNET_OFF_PT_REGS_ORIG_AX);
     bpf_probe_read_kernel(&arg, sizeof(arg), regs + PODNET_OFF_PT_REGS_SI);
+    bpf_probe_read_kernel(&arg3, sizeof(arg3), regs + PODNET_OFF_PT_REGS_DX);
 #endif
-    const void *ubuf = NULL;
+    b->buf = 0;
+    b->iov = 0;
+    b->cnt = 0;
     if (nr == PODNET_NR_READ || nr == PODNET_NR_WRITE || nr == PODNET_NR_SENDTO || nr == PODNET_NR_RECVFROM) {
-        ubuf = (const void *)arg;
-    } else if (nr == PODNET_NR_SENDMSG || nr == PODNET_NR_RECVMSG || nr == PODNET_NR_READV ||
-               nr == PODNET_NR_WRITEV) {
-        const void *iov = (const void *)arg;
-        if (nr == PODNET_NR_SENDMSG || nr == PODNET_NR_RECVMSG) {
-            /* struct user_msghdr (UAPI): msg_iov at offset 16 */
-            if (bpf_probe_read_user(&iov, sizeof(iov), (const char *)arg + 16))
-                return -1;
-        }
-        /* struct iovec (UAPI): iov_base first */
-        if (bpf_probe_read_user(&ubuf, sizeof(ubuf), iov))
-            return -1;
-    } else {
-        return -1;
+        b->buf = (const char *)arg;
+        return 0;
     }
+    if (nr == PODNET_NR_READV || nr == PODNET_NR_WRITEV) {
+        b->iov = (const char *)arg;
+        b->cnt = arg3;
+        return 0;
+    }
+    if (nr == PODNET_NR_SENDMSG || nr == PODNET_NR_RECVMSG) {
+        /* struct user_msghdr (UAPI): msg_iov at offset 16, msg_iovlen at 24 */
+        u64 m[2] = {};
+        if (bpf_probe_read_user(m, sizeof(m), (const char *)arg + 16))
+            return -1;
+        b->iov = (const char *)m[0];
+        b->cnt = m[1];
+        return 0;
+    }
+    return -1;
+}
+
+/* The first PODNET_PEEK_BYTES of the current read/write/send/recv syscall's buffer. */
+static __always_inline int podnet_peek(u8 *buf)
+{
+    struct podnet_sysbuf b;
+    if (podnet_syscall_buffer(&b))
+        return -1;
+    const void *ubuf = b.buf;
+    if (b.iov && bpf_probe_read_user(&ubuf, sizeof(ubuf), b.iov))   /* struct iovec: iov_base first */
+        return -1;
     return bpf_probe_read_user(buf, PODNET_PEEK_BYTES, ubuf);
 }
 #else
@@ -107,6 +140,10 @@ static __always_inline u8 podnet_peek_method(int len)
         return PODNET_HTTP_GET;
     if (podnet_is(b, 'P', 'U', 'T', ' '))
         return PODNET_HTTP_PUT;
+    /* "PRI * HTTP/2.0\r\n": the first 16 bytes of the HTTP/2 client connection preface. */
+    if (len >= 24 && podnet_is(b, 'P', 'R', 'I', ' ') && podnet_is(b + 4, '*', ' ', 'H', 'T') &&
+        podnet_is(b + 8, 'T', 'P', '/', '2') && podnet_is(b + 12, '.', '0', '\r', '\n'))
+        return PODNET_HTTP2_PREFACE;
     if (len < 5)
         return 0;
     if (podnet_is(b, 'P', 'O', 'S', 'T') && b[4] == ' ')

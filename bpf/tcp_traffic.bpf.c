@@ -61,17 +61,27 @@ struct tcp_sock_info {
     u8 role;            /* PODNET_ROLE_*: set when the connection is established */
     u8 in_request;
     u8 method;          /* PODNET_HTTP_* of the request in progress, 0 if not HTTP */
-    u8 not_http;        /* a request on this connection was not HTTP: stop peeking */
+    u8 flags;           /* PODNET_SOCK_*: what the connection turned out to speak */
     u32 slot;           /* tp_btf: the socket's slot in tcp_sock_slots, PODNET_NO_SLOT if none */
     u64 last_rtt_ns;    /* when this socket last gave an RTT sample */
     u64 id;             /* tp_btf: unique per socket state, never reused */
 };
+
+/* tcp_sock_info.flags */
+#define PODNET_SOCK_NOT_HTTP 0x1    /* a request on this connection was not HTTP: stop peeking */
+#define PODNET_SOCK_H2 0x2          /* HTTP/2: its payloads are walked frame by frame */
+#define PODNET_SOCK_H2_LOST 0x4     /* HTTP/2, but its state was lost: nothing more is counted */
+#define PODNET_SOCK_H2_SENT 0x8     /* the state of the direction sent exists */
+#define PODNET_SOCK_H2_RECEIVED 0x10
 
 #define PODNET_MAPID_REQUEST_HIST 2
 #define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
 #define PODNET_MAPID_TCP_SOCK_STATE 4
 #define PODNET_MAPID_TCP_SOCK_FINAL 5
 #define PODNET_MAPID_TCP_SOCK_SLOTS 6
+#define PODNET_MAPID_H2_CONN_DIRS 7     /* an HTTP/2 connection's state was evicted or not created */
+#define PODNET_MAPID_H2_STREAMS 8
+#define PODNET_MAPID_H2_WALK 9          /* a payload had more frames than the walker's budget */
 
 #ifdef PODNET_TP_BTF
 #define PODNET_HOOK(fn) int fn(u64 *ctx)
@@ -175,6 +185,352 @@ static __always_inline void count_flow(const struct tcp_flow_key *id, u64 n, int
         podnet_count_failure(PODNET_MAPID_TCP_FLOW_OVERFLOW);
 }
 
+static __always_inline void podnet_request_done(u64 cgroup_id, u8 role, u8 protocol, u8 method, u8 status_class,
+                                                u8 grpc_status, u64 ns)
+{
+    struct podnet_request_key k = {.cgroup_id = cgroup_id, .role = role, .protocol = protocol, .method = method,
+                                   .status_class = status_class, .grpc_status = grpc_status,
+                                   .slot = podnet_hist_slot(ns), .gen = podnet_current_gen()};
+    struct podnet_hist_val *v = request_hist.lookup(&k);
+    if (v) {
+        v->count++;
+        v->sum_ns += ns;
+        return;
+    }
+    struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
+    if (request_hist.update(&k, &init))
+        podnet_count_failure(PODNET_MAPID_REQUEST_HIST);
+}
+
+#if defined(PODNET_CAN_PEEK) && !defined(PODNET_NO_HTTP2)
+#define PODNET_HTTP2 1
+#include "http2.h"
+PODNET_TABLE("lru_hash", struct podnet_h2_dir_key, struct podnet_h2_dir, h2_conn_dirs, PODNET_H2_CONNS, 0);
+PODNET_TABLE("lru_hash", struct podnet_h2_stream_key, struct podnet_h2_stream, h2_streams_open, PODNET_H2_STREAMS,
+             0);
+PODNET_TABLE("percpu_array", u32, struct podnet_h2_cursor, h2_cursor, 1, 0);
+/* A zeroed direction, to create new ones from: too large for the stack. */
+PODNET_TABLE("percpu_array", u32, struct podnet_h2_dir, h2_dir_zero, 1, 0);
+
+/* ---- HTTP/2 streams and the frame walker (bpf/http2.h) ---- */
+
+
+static __always_inline void podnet_h2_end_stream(struct podnet_h2_cursor *c, struct podnet_h2_stream_key *k,
+                                                 struct podnet_h2_stream *st, u8 grpc_status)
+{
+    u8 protocol = st->grpc ? PODNET_PROTO_GRPC : PODNET_PROTO_HTTP2;
+    u64 ns = st->responded ? st->duration_ns : c->now - st->start_ns;
+    podnet_request_done(c->cgroup_id, c->role, protocol, st->method, st->status_class,
+                        st->grpc ? grpc_status : 0, ns);
+    h2_streams_open.delete(k);
+}
+
+static __always_inline int podnet_h2_asking(struct podnet_h2_cursor *c)
+{
+    return c->role == PODNET_ROLE_SERVER ? !c->sent : c->sent;
+}
+
+/* A stream's event: a request starts, or its response arrives or ends. */
+static __always_inline void podnet_h2_stream_event(struct podnet_h2_cursor *c, struct podnet_h2_event *e)
+{
+    struct podnet_h2_stream_key k = {.conn = c->conn, .stream = e->stream};
+    struct podnet_h2_stream *st = h2_streams_open.lookup(&k);
+    if (e->type != PODNET_H2_HEADERS) {
+        /* gRPC responses end with trailers; a DATA END_STREAM (no trailers) or a reset ends
+         * them too, with no grpc-status. A reset ends any stream not yet counted. */
+        if (st && (e->type == PODNET_H2_RST_STREAM || st->responded))
+            podnet_h2_end_stream(c, &k, st, 0);
+        return;
+    }
+    if (podnet_h2_asking(c)) {
+        if (st)
+            return;     /* the request's trailers */
+        struct podnet_h2_stream fresh = {.start_ns = c->now, .method = e->method ? e->method : PODNET_HTTP_OTHER,
+                                         .grpc = e->grpc};
+        if (h2_streams_open.update(&k, &fresh))
+            podnet_count_failure(PODNET_MAPID_H2_STREAMS);
+        return;
+    }
+    if (!st)
+        return;         /* a stream opened before podnet saw the connection */
+    if (e->grpc)
+        st->grpc = 1;
+    if (!st->responded) {
+        if (e->status == 1 && !(e->flags & PODNET_H2_END_STREAM))
+            return;     /* informational: the final response follows */
+        st->responded = 1;
+        st->duration_ns = c->now - st->start_ns;
+        st->status_class = e->status;
+    }
+    if (!st->grpc || (e->flags & PODNET_H2_END_STREAM))
+        podnet_h2_end_stream(c, &k, st, e->grpc_status);
+}
+
+static __always_inline void podnet_h2_queue(struct podnet_h2_cursor *c, u32 stream, u8 type, u8 flags,
+                                            struct podnet_h2_dir *d)
+{
+    struct podnet_h2_event *e = &c->ev[c->events & (PODNET_H2_EVENTS - 1)];
+    e->stream = stream;
+    e->type = type;
+    e->flags = flags;
+    if (d) {
+        e->method = d->r_method;
+        e->status = d->r_status;
+        e->grpc = d->r_grpc;
+        e->grpc_status = d->r_grpc_status;
+    }
+    c->events++;
+}
+
+/* A complete frame header in d->hdr. */
+static __always_inline void podnet_h2_frame(struct podnet_h2_cursor *c, struct podnet_h2_dir *d)
+{
+    u32 len = ((u32)d->hdr[0] << 16) | ((u32)d->hdr[1] << 8) | d->hdr[2];
+    u8 type = d->hdr[3], flags = d->hdr[4];
+    u32 stream = (((u32)d->hdr[5] & 0x7f) << 24) | ((u32)d->hdr[6] << 16) | ((u32)d->hdr[7] << 8) | d->hdr[8];
+    d->have = 0;
+    if (type == PODNET_H2_HEADERS || (type == PODNET_H2_CONTINUATION && stream == d->blk_stream)) {
+        if (type == PODNET_H2_HEADERS) {
+            d->blk_stream = stream;
+            d->blk_flags = flags;
+            d->blk_len = 0;
+            d->blk_pos = 0;
+            d->truncated = 0;
+            d->r_method = d->r_status = d->r_grpc = d->r_grpc_status = 0;
+        }
+        d->blk_end_headers = flags & PODNET_H2_END_HEADERS;
+        d->collect = len;
+        if (!len && d->blk_end_headers) {
+            d->blk_pos = 0;
+            d->parsing = 1;
+        }
+        return;
+    }
+    /* DATA ends a response without trailers; nothing of a request's DATA matters. */
+    if ((type == PODNET_H2_DATA && (flags & PODNET_H2_END_STREAM) && !podnet_h2_asking(c)) ||
+        type == PODNET_H2_RST_STREAM)
+        podnet_h2_queue(c, stream, type, flags, 0);
+    d->skip = len;
+}
+
+/* One step; 1 when the payload is done. */
+static __always_inline int podnet_h2_step(struct podnet_h2_cursor *c, struct podnet_h2_dir *d)
+{
+    if (d->parsing) {
+        if (d->blk_pos < d->blk_len && d->blk_pos < PODNET_H2_BLOCK) {
+            podnet_h2_field(d);
+            return 0;
+        }
+        if (d->truncated)
+            d->lost = 1;
+        d->parsing = 0;
+        podnet_h2_queue(c, d->blk_stream, PODNET_H2_HEADERS, d->blk_flags, d);
+        return 0;
+    }
+    if (c->pos >= c->seglen) {
+        if (c->left <= c->seglen)
+            return 1;
+        c->left -= c->seglen;
+        c->idx++;
+        if (!c->iov || c->idx >= c->cnt)
+            return 1;
+        u64 v[2] = {};
+        if (bpf_probe_read_user(v, sizeof(v), c->iov + 16 * c->idx))
+            return 1;
+        c->seg = (const char *)v[0];
+        c->seglen = v[1] < c->left ? v[1] : c->left;
+        c->pos = 0;
+        return 0;
+    }
+    u64 avail = c->seglen - c->pos;
+    if (d->skip) {
+        u64 n = d->skip < avail ? d->skip : avail;
+        d->skip -= n;
+        c->pos += n;
+        return 0;
+    }
+    if (d->collect) {
+        /* HEADERS fragments: the pad length, priority and padding are copied along and
+         * dealt with when the frame is complete. */
+        u32 n = d->collect < avail ? d->collect : avail;
+        u32 room = d->blk_len < PODNET_H2_BLOCK ? PODNET_H2_BLOCK - d->blk_len : 0;
+        if (n > room) {
+            d->truncated = 1;
+            n = room;
+        }
+        if (n > 255)
+            n = 255;
+        if (n) {
+            u32 off = d->blk_len;
+            asm volatile("%[off] &= 511" : [off] "+r"(off));
+            asm volatile("%[n] &= 255" : [n] "+r"(n));
+            if (bpf_probe_read_user(&d->blk[off], n, c->seg + c->pos))
+                return 1;
+            d->blk_len += n;
+        } else {
+            /* No room left: pass over the rest of the fragment. */
+            n = d->collect < avail ? d->collect : avail;
+        }
+        d->collect -= n;
+        c->pos += n;
+        if (!d->collect) {
+            podnet_h2_fragment_done(d, !(d->blk_flags & PODNET_H2_FRAGMENT_DONE));
+            d->blk_flags |= PODNET_H2_FRAGMENT_DONE;
+            if (d->blk_end_headers)
+                d->parsing = 1;
+        }
+        return 0;
+    }
+    u32 have = d->have;
+    if (have == 0 && avail >= 9) {
+        if (bpf_probe_read_user(d->hdr, 9, c->seg + c->pos))
+            return 1;
+        c->pos += 9;
+        podnet_h2_frame(c, d);
+        return 0;
+    }
+    /* A frame header split across buffers: assemble it byte by byte. */
+    if (have > 8)
+        have = 8;
+    u8 b = 0;
+    if (bpf_probe_read_user(&b, 1, c->seg + c->pos))
+        return 1;
+    d->hdr[have & 15] = b;
+    d->have = have + 1;
+    c->pos++;
+    if (d->have >= 9)
+        podnet_h2_frame(c, d);
+    return 0;
+}
+
+/* The payload outgrew the walker's budget: where the next frame starts is unknown. */
+static __always_inline void podnet_h2_lose(struct podnet_h2_cursor *c)
+{
+    struct podnet_h2_dir_key k = {.conn = c->conn, .sent = c->sent};
+    struct podnet_h2_dir *d = h2_conn_dirs.lookup(&k);
+    if (d)
+        d->dead = 1;
+    podnet_count_failure(PODNET_MAPID_H2_WALK);
+}
+
+/* The walker program's body: 0 when more remains for another tail call. */
+static __always_inline int podnet_h2_walk(void)
+{
+    u32 zero = 0;
+    struct podnet_h2_cursor *c = h2_cursor.lookup(&zero);
+    if (!c)
+        return 1;
+    struct podnet_h2_dir_key k = {.conn = c->conn, .sent = c->sent};
+    struct podnet_h2_dir *d = h2_conn_dirs.lookup(&k);
+    if (!d || d->dead)
+        return 1;
+    int done = 0;
+    c->events = 0;
+    for (int i = 0; i < PODNET_H2_STEPS && c->events < PODNET_H2_EVENTS; i++) {
+        if (podnet_h2_step(c, d)) {
+            done = 1;
+            break;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PODNET_H2_EVENTS; i++)
+        if (i < c->events)
+            podnet_h2_stream_event(c, &c->ev[i]);
+    if (done)
+        return 1;
+    if (++c->tails < PODNET_H2_TAILS)
+        return 0;
+    podnet_h2_lose(c);
+    return 1;
+}
+
+/* Point the cursor at this syscall's payload; 1 when there is something to walk. */
+static __always_inline int podnet_h2_start(const void *sk, u64 cgroup_id, u8 role, u8 *flags, int sent, int len,
+                                           u64 now, int preface)
+{
+    if (*flags & PODNET_SOCK_H2_LOST)
+        return 0;
+    u8 made = sent ? PODNET_SOCK_H2_SENT : PODNET_SOCK_H2_RECEIVED;
+    struct podnet_h2_dir_key k = {.conn = (u64)sk, .sent = sent};
+    struct podnet_h2_dir *d = h2_conn_dirs.lookup(&k);
+    u32 zero = 0;
+    if (!d && !(*flags & made)) {
+        struct podnet_h2_dir *z = h2_dir_zero.lookup(&zero);
+        if (z && !h2_conn_dirs.update(&k, z)) {
+            *flags |= made;
+            d = h2_conn_dirs.lookup(&k);
+        }
+    }
+    if (!d) {
+        /* Evicted (more HTTP/2 connections than PODNET_H2_CONNS) or never created: this
+         * connection's frame boundaries are lost for good. */
+        *flags |= PODNET_SOCK_H2_LOST;
+        podnet_count_failure(PODNET_MAPID_H2_CONN_DIRS);
+        return 0;
+    }
+    if (d->dead)
+        return 0;
+    if (preface)
+        d->skip = 24;
+    struct podnet_sysbuf b;
+    if (podnet_syscall_buffer(&b))
+        return 0;
+    struct podnet_h2_cursor *c = h2_cursor.lookup(&zero);
+    if (!c)
+        return 0;
+    c->conn = (u64)sk;
+    c->sent = sent;
+    c->cgroup_id = cgroup_id;
+    c->role = role;
+    c->now = now;
+    c->tails = 0;
+    c->left = len;
+    c->pos = 0;
+    c->idx = 0;
+    c->iov = b.iov;
+    if (b.iov) {
+        u64 v[2] = {};
+        if (!b.cnt || bpf_probe_read_user(v, sizeof(v), b.iov))
+            return 0;
+        c->cnt = b.cnt;
+        c->seg = (const char *)v[0];
+        c->seglen = v[1] < (u64)len ? v[1] : (u64)len;
+    } else {
+        c->cnt = 1;
+        c->seg = b.buf;
+        c->seglen = len;
+    }
+    return 1;
+}
+
+static __always_inline void podnet_h2_forget(u64 conn)
+{
+    struct podnet_h2_dir_key k = {.conn = conn, .sent = 1};
+    h2_conn_dirs.delete(&k);
+    k.sent = 0;
+    h2_conn_dirs.delete(&k);
+}
+
+
+/* The walker program for each hook: a tail call stays within one hook's program type. */
+PODNET_TABLE("prog", u32, u32, h2_walk_sent, 1, 0);
+PODNET_TABLE("prog", u32, u32, h2_walk_received, 1, 0);
+
+PODNET_HOOK(h2_walk_on_sent)
+{
+    if (!podnet_h2_walk())
+        h2_walk_sent.call(ctx, 0);
+    return 0;
+}
+
+PODNET_HOOK(h2_walk_on_received)
+{
+    if (!podnet_h2_walk())
+        h2_walk_received.call(ctx, 0);
+    return 0;
+}
+#endif
+
 #ifdef PODNET_TP_BTF
 static __always_inline struct tcp_sock_info *cached_state(const void *sk)
 {
@@ -261,6 +617,10 @@ static __always_inline void forget_state(const void *sk)
         s->id = 0;
         tcp_sock_free_slots.push(&slot, 0);
     }
+#ifdef PODNET_HTTP2
+    if (info->flags & PODNET_SOCK_H2)
+        podnet_h2_forget((u64)sk);
+#endif
     tcp_sock_state.sk_storage_delete((void *)sk);
 }
 #else
@@ -280,6 +640,11 @@ static __always_inline struct tcp_sock_info *new_state(const void *sk, struct tc
 static __always_inline void forget_state(const void *sk)
 {
     u64 skaddr = (u64)sk;
+#ifdef PODNET_HTTP2
+    struct tcp_sock_info *info = tcp_sock_identity.lookup(&skaddr);
+    if (info && (info->flags & PODNET_SOCK_H2))
+        podnet_h2_forget(skaddr);
+#endif
     tcp_sock_identity.delete(&skaddr);
 }
 
@@ -305,18 +670,7 @@ static __always_inline int resolve_identity(const void *sk, struct tcp_sock_info
 static __always_inline void observe_request(struct tcp_sock_info *info, u64 ns, u8 status_class)
 {
     u8 protocol = (info->method || status_class) ? PODNET_PROTO_HTTP : PODNET_PROTO_OTHER;
-    struct podnet_request_key k = {.cgroup_id = info->flow.cgroup_id, .role = info->role, .protocol = protocol,
-                                   .method = info->method, .status_class = status_class,
-                                   .slot = podnet_hist_slot(ns), .gen = podnet_current_gen()};
-    struct podnet_hist_val *v = request_hist.lookup(&k);
-    if (v) {
-        v->count++;
-        v->sum_ns += ns;
-        return;
-    }
-    struct podnet_hist_val init = {.count = 1, .sum_ns = ns};
-    if (request_hist.update(&k, &init))
-        podnet_count_failure(PODNET_MAPID_REQUEST_HIST);
+    podnet_request_done(info->flow.cgroup_id, info->role, protocol, info->method, status_class, 0, ns);
 }
 
 /* The socket's smoothed RTT (tcp_sock.srtt_us, microseconds << 3) into its owner's
@@ -352,18 +706,24 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
             return;     /* more of the previous response */
         info->in_request = 1;
         info->turn_start_ns = now;
-        info->method = info->not_http ? 0 : podnet_peek_method(len);
+        info->method = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_method(len);
+        if (info->method == PODNET_HTTP2_PREFACE) {
+            /* HTTP/2 from here on: streams, not turns, are its requests. */
+            info->flags |= PODNET_SOCK_H2;
+            info->in_request = 0;
+            info->method = 0;
+        }
         return;
     }
     if (asking)
         return;         /* more of the request */
     info->in_request = 0;
     u64 ns = now - info->turn_start_ns;
-    u8 status = info->not_http ? 0 : podnet_peek_status_class(len);
+    u8 status = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_status_class(len);
     /* A connection does not turn into HTTP/1.x later: once a request was something else,
      * its payload is never read again. */
     if (!info->method && !status)
-        info->not_http = 1;
+        info->flags |= PODNET_SOCK_NOT_HTTP;
     observe_request(info, ns, status);
 }
 
@@ -380,6 +740,7 @@ static __always_inline struct tcp_sock_info *create_state(const void *sk, struct
     return info;
 }
 
+/* Returns 1 when the payload is to be walked as HTTP/2 (the caller tail-calls the walker). */
 static __always_inline int count_bytes(const void *sk, int ret, int flags, int sent)
 {
     if (ret <= 0 || !sk)
@@ -402,9 +763,20 @@ static __always_inline int count_bytes(const void *sk, int ret, int flags, int s
     /* RTT: one sample of the smoothed RTT per socket and PODNET_RTT_SAMPLE_NS of activity.
      * Sampling per segment (tcp:tcp_probe) would cost a hook run per packet, ACKs
      * included, and weigh bulk transfers over everything else. */
+    int walk = 0;
 #ifndef PODNET_NO_REQUESTS
     u64 now = bpf_ktime_get_ns();
+#ifdef PODNET_HTTP2
+    if (info->flags & PODNET_SOCK_H2) {
+        walk = podnet_h2_start(sk, info->flow.cgroup_id, info->role, &info->flags, sent, ret, now, 0);
+    } else {
+        track_turn(info, sent, ret, now);
+        if (info->flags & PODNET_SOCK_H2)
+            walk = podnet_h2_start(sk, info->flow.cgroup_id, info->role, &info->flags, sent, ret, now, 1);
+    }
+#else
     track_turn(info, sent, ret, now);
+#endif
     if (now - info->last_rtt_ns >= PODNET_RTT_SAMPLE_NS) {
 #else
     /* Without requests nothing else needs the clock: space the samples by the tick
@@ -416,17 +788,27 @@ static __always_inline int count_bytes(const void *sk, int ret, int flags, int s
         observe_rtt(sk, info);
     }
     count_socket(info, ret, sent);
-    return 0;
+    return walk;
 }
 
 PODNET_HOOK(on_sock_send_length)
 {
-    return count_bytes((const void *)PODNET_ARG(0), (int)PODNET_ARG(1), (int)PODNET_ARG(2), 1);
+    int walk = count_bytes((const void *)PODNET_ARG(0), (int)PODNET_ARG(1), (int)PODNET_ARG(2), 1);
+#ifdef PODNET_HTTP2
+    if (walk)
+        h2_walk_sent.call(ctx, 0);
+#endif
+    return 0;
 }
 
 PODNET_HOOK(on_sock_recv_length)
 {
-    return count_bytes((const void *)PODNET_ARG(0), (int)PODNET_ARG(1), (int)PODNET_ARG(2), 0);
+    int walk = count_bytes((const void *)PODNET_ARG(0), (int)PODNET_ARG(1), (int)PODNET_ARG(2), 0);
+#ifdef PODNET_HTTP2
+    if (walk)
+        h2_walk_received.call(ctx, 0);
+#endif
+    return 0;
 }
 
 PODNET_HOOK(on_tcp_destroy_sock)

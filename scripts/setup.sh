@@ -17,7 +17,7 @@ command -v apt-get >/dev/null || die "apt-get not found; podnet's setup supports
 
 # --- Debian packages -------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc bpftool iproute2 iptables kmod)
-(( want_test )) && pkgs+=(prometheus iputils-ping)
+(( want_test )) && pkgs+=(prometheus iputils-ping nginx-light nghttp2-client curl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -56,7 +56,8 @@ class RequestKey(ct.Structure):
         ("status_class", ct.c_uint8),
         ("slot", ct.c_uint32),
         ("gen", ct.c_uint32),
-        ("pad", ct.c_uint32),
+        ("grpc_status", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
     ]
 
 
@@ -67,7 +68,7 @@ class SockInfo(ct.Structure):
         ("role", ct.c_uint8),
         ("in_request", ct.c_uint8),
         ("method", ct.c_uint8),
-        ("not_http", ct.c_uint8),
+        ("flags", ct.c_uint8),
         ("slot", ct.c_uint32),
         ("last_rtt_ns", ct.c_uint64),
         ("id", ct.c_uint64),
@@ -139,6 +140,9 @@ MAP_IDS: dict[str, tuple[str, ...]] = {
         "tcp_sock_state",
         "tcp_sock_final",
         "tcp_sock_slots",
+        "h2_conn_dirs",
+        "h2_streams_open",
+        "h2_walk",
     ),
     "tcp_state": (
         "tcp_conn_by_cgroup",

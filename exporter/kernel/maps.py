@@ -144,9 +144,9 @@ class MapReader:
             for k, (count, total), final in self._entries(
                 "tcp_traffic", "request_hist", committed_through, read
             ):
-                # Key: cgroup id, role, protocol, method, status class, slot, gen, pad.
+                # Key: cgroup id, role, protocol, method, status class, slot, gen, gRPC status, pad[3].
                 part = read.final if final else read.live
-                _add_slot(part.requests[k[0]].setdefault(k[1:5], {}), k[5], count, total)
+                _add_slot(part.requests[k[0]].setdefault((*k[1:5], k[7]), {}), k[5], count, total)
         if p.attached("tcp_state"):
             for k, w, final in self._entries("tcp_state", "tcp_conn_by_cgroup", committed_through, read):
                 # Words: opened[2], closed[2], active[2], failed[4].

@@ -59,6 +59,7 @@ EXTRA_FIELDS: dict[str, FieldSpec] = {
         _f("PODNET_OFF_TCP_SKB_CB_GSO_SEGS", 2, ("tcp_skb_cb", "tcp_gso_segs")),
         # x86-64 syscall registers, to find a syscall's user buffer (HTTP recognition).
         _f("PODNET_OFF_PT_REGS_SI", 8, ("pt_regs", "si")),
+        _f("PODNET_OFF_PT_REGS_DX", 8, ("pt_regs", "dx")),
         _f("PODNET_OFF_PT_REGS_ORIG_AX", 8, ("pt_regs", "orig_ax")),
     )
 }

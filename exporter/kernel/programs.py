@@ -15,6 +15,7 @@ reported with its reason; the others still run.
 from __future__ import annotations
 
 import contextlib
+import ctypes as ct
 import logging
 import os
 import re
@@ -68,6 +69,20 @@ class Hook:
 
 
 @dataclass(frozen=True)
+class TailCall:
+    """A program the hook of `tracepoint` tail-calls through slot 0 of `array`. Builds
+    without `function` (the C leaves it out) have no such call."""
+
+    tracepoint: str
+    function: str
+    array: str
+
+    @property
+    def label(self) -> str:
+        return self.function
+
+
+@dataclass(frozen=True)
 class ProgramSpec:
     name: str
     hooks: tuple[Hook, ...]
@@ -81,6 +96,8 @@ class ProgramSpec:
     without it that build's byte counters could not be read, so it is required."""
     tracks_requests: bool = False
     """Built per Config.requests (with or without HTTP recognition, or without requests)."""
+    tail_calls: tuple[TailCall, ...] = ()
+    """Programs reached by tail call, loaded into their arrays before the hooks attach."""
 
     @property
     def source(self) -> Path:
@@ -111,6 +128,11 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
         btf_typed=True,
         socket_slots="tcp_sock_slots",
         tracks_requests=True,
+        # HTTP/2: the frame walker continues where the hook's budget ends (bpf/http2.h).
+        tail_calls=(
+            TailCall("sock_send_length", "h2_walk_on_sent", "h2_walk_sent"),
+            TailCall("sock_recv_length", "h2_walk_on_received", "h2_walk_received"),
+        ),
     ),
     ProgramSpec(
         "tcp_state",
@@ -152,17 +174,21 @@ class Variant:
             parts.append("requests off")
         elif "-DPODNET_NO_PEEK" in self.cflags:
             parts.append("requests without HTTP recognition")
+        elif "-DPODNET_NO_HTTP2" in self.cflags:
+            parts.append("requests without HTTP/2")
         return ", ".join(parts)
 
 
-RequestMode = Literal["http", "turns", "off"]
+RequestMode = Literal["http", "http1", "turns", "off"]
 """Request tracking build (Config.requests): see _REQUEST_BUILDS."""
 REQUEST_MODES: Final[tuple[RequestMode, ...]] = get_args(RequestMode)
 
 _REQUEST_BUILDS: dict[RequestMode, list[tuple[str, ...]]] = {
     # Kernels older than 5.15 lack the helpers that find a syscall's buffer: the program
     # then loads without HTTP recognition instead of not at all.
-    "http": [(), ("-DPODNET_NO_PEEK",)],
+    # HTTP/2 needs the frame walker (tail calls): without it, HTTP/1.x recognition still works.
+    "http": [(), ("-DPODNET_NO_HTTP2",), ("-DPODNET_NO_PEEK",)],
+    "http1": [("-DPODNET_NO_HTTP2",), ("-DPODNET_NO_PEEK",)],
     "turns": [("-DPODNET_NO_PEEK",)],
     "off": [("-DPODNET_NO_REQUESTS",)],
 }
@@ -234,6 +260,8 @@ class LoadedPrograms:
     unused maps BCC created when compiling it."""
     variant_tags: dict[str, str] = field(default_factory=dict)
     """program -> the tag (pins.variant_tag) of the build loaded last."""
+    tail_fds: dict[str, int] = field(default_factory=dict)
+    """tail-called function -> its program fd (the arrays hold their own references)."""
     _pinned_fds: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def socket_slot_array(self, program: str) -> MappedArray | None:
@@ -311,6 +339,10 @@ class LoadedPrograms:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._pinned_fds.clear()
+        for fd in self.tail_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.tail_fds.clear()
         if detach and self.pins is not None:
             self.pins.discard()
         for program in list(self.socket_slots):
@@ -415,6 +447,33 @@ def _attach_tp_btf(loaded: LoadedPrograms, btf: Btf, obj: Any, st: HookStatus) -
     loaded.tp_btf[st.hook.label] = _linked(load_tp_btf(obj, st.hook.function, type_id), attach_tp_btf)
 
 
+def _has_function(obj: Any, function: str) -> bool:
+    from bcc import lib  # the same libbcc that compiled obj
+
+    return bool(lib.bpf_function_start(obj.module, function.encode()))
+
+
+def _fill_tail_calls(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec, obj: Any, variant: Variant) -> None:
+    """Load each tail-called program like its hook (tp_btf programs only tail-call programs
+    of the same tracepoint) and put it in its array."""
+    for tc in spec.tail_calls:
+        if not _has_function(obj, tc.function):
+            continue
+        if variant.tp_btf:
+            type_id = btf.tracepoint_type_id(tc.tracepoint)
+            if type_id is None:
+                raise BpfSyscallError(f"kernel has no tracepoint {tc.tracepoint}")
+            fd = load_tp_btf(obj, tc.function, type_id)
+        else:
+            with _captured_stderr():
+                fd = os.dup(obj.load_func(tc.function.encode(), obj.RAW_TRACEPOINT).fd)
+        old = loaded.tail_fds.pop(tc.label, None)
+        if old is not None:
+            os.close(old)
+        loaded.tail_fds[tc.label] = fd
+        obj.get_table(tc.array.encode())[ct.c_int(0)] = ct.c_int(fd)
+
+
 def _map_socket_slots(loaded: LoadedPrograms, spec: ProgramSpec, obj: Any) -> None:
     if spec.socket_slots is None:
         return
@@ -501,6 +560,17 @@ def _compile_and_attach(
         loaded.objects[spec.name] = obj
         if variant.tp_btf:
             _map_socket_slots(loaded, spec, obj)
+    try:
+        _fill_tail_calls(loaded, btf, spec, obj, variant)
+    except (BpfSyscallError, Exception) as e:
+        for st in usable:
+            st.reason = f"tail-called program: {e}"
+        loaded.unmap_socket_slots(spec.name)
+        obj.cleanup()
+        del loaded.objects[spec.name]
+        if pins is not None:
+            pins.unpin_prefix(spec.name, tag)
+        return last
     if before_attach is not None:
         before_attach(spec.name, obj)
     for st in usable:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
-from exporter.metrics.raw import CgroupCounters, Counts, FlowSource, KernelRead, RawData, Slots
+from exporter.metrics.raw import CgroupCounters, Counts, FlowSource, KernelRead, RawData, RequestLabels, Slots
 from exporter.pods.identity import Identity
 
 PeerLabels = tuple[str, str, str]
@@ -223,7 +223,8 @@ def decode_raw(d: Any) -> RawData:
             for cg, slots in _items(d[name]):
                 into[_int(cg)] = _slots(slots)
         for cg, by_labels in _items(d["requests"]):
-            raw.requests[_int(cg)] = {tuple(_ints(k, 4)): _slots(v) for k, v in _items(by_labels)}  # type: ignore[misc]
+            # Totals written before gRPC status existed have four codes: no gRPC status.
+            raw.requests[_int(cg)] = {_request_codes(k): _slots(v) for k, v in _items(by_labels)}
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed totals: {e}") from None
     return raw
@@ -292,6 +293,15 @@ def _ints(values: Any, n: int | None) -> list[int]:
     if n is not None and len(out) != n:
         raise ValueError(f"expected {n} values, got {len(out)}")
     return out
+
+
+def _request_codes(k: Any) -> RequestLabels:
+    codes = _ints(k, None)
+    if len(codes) == 4:
+        codes.append(0)
+    if len(codes) != 5:
+        raise ValueError(f"expected 5 request codes, got {len(codes)}")
+    return tuple(codes)  # type: ignore[return-value]
 
 
 def _slots(d: Any) -> Slots:

@@ -147,15 +147,16 @@ TCP_RESETS = _pod(
 REQUESTS = _pod(
     "podnet_requests",
     Kind.COUNTER,
-    "Requests served (role=server) and made (role=client): turns of each TCP conversation.",
-    ("role", "protocol", "method", "status_class"),
+    "Requests served (role=server) and made (role=client): HTTP/2 and gRPC streams, and turns of "
+    "other TCP conversations.",
+    ("role", "protocol", "method", "status_class", "grpc_status"),
     otel="podnet.requests",
     otel_unit="{request}",
 )
 REQUEST_DURATION = _pod(
     "podnet_request_duration_seconds",
     Kind.HISTOGRAM,
-    "Time from a request's first byte to its response's first byte.",
+    "Time from a request's first byte (HTTP/2: its HEADERS) to its response's first byte (HEADERS).",
     ("role", "protocol"),
     unit="seconds",
     otel="podnet.request.duration",

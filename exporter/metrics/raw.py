@@ -14,15 +14,18 @@ from typing import Any
 
 Slots = dict[int, tuple[int, int]]
 """kernel histogram slot -> (count, sum in ns)."""
-RequestLabels = tuple[int, int, int, int]
+RequestLabels = tuple[int, int, int, int, int]
+"""Kernel codes: role, protocol, method, status class, gRPC status + 1."""
 
 UNTRACKED_PEER = bytes(16)
 """Flow key peer of the bytes counted in tcp_flow_overflow (flow map full)."""
 
 # bpf/requests.h codes: index = code.
 ROLES = ("", "server", "client")
-PROTOCOLS = ("", "other", "http")
-HTTP_METHODS = ("", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+PROTOCOLS = ("", "other", "http", "http2", "grpc")
+HTTP_METHODS = ("", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other")
+GRPC_STATUSES = ("", *(str(code) for code in range(17)))
+"""grpc_status label by kernel code (status + 1): bounded to the 17 codes gRPC defines."""
 STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 # Index order of the arrays in TcpConnCounters (DIR_*, FAIL_* in tcp_state.bpf.c).

@@ -15,6 +15,7 @@ from exporter.metrics.peers import loopback_peer
 from exporter.metrics.raw import (
     DIRECTIONS,
     FAIL_REASONS,
+    GRPC_STATUSES,
     HTTP_METHODS,
     PROTOCOLS,
     ROLES,
@@ -141,15 +142,18 @@ def build_snapshot(
     return m.Snapshot.build(now, samples, hists, pod_uids, counters_since=counters_since)
 
 
-def request_labels(role: int, protocol: int, method: int, status: int) -> tuple[str, str, str, str]:
-    """Kernel request codes -> (role, protocol, method, status_class) label values. An HTTP
-    request with a method outside the standard set has method "other"; non-HTTP requests
-    have no method."""
+def request_labels(
+    role: int, protocol: int, method: int, status: int, grpc_status: int = 0
+) -> tuple[str, str, str, str, str]:
+    """Kernel request codes -> (role, protocol, method, status_class, grpc_status) label
+    values. An HTTP request with a method outside the standard set has method "other";
+    non-HTTP requests have no method; only gRPC requests have a grpc_status."""
     proto = _code(PROTOCOLS, protocol)
     meth = _code(HTTP_METHODS, method)
-    if proto == "http" and not meth:
+    if proto in ("http", "http2", "grpc") and not meth:
         meth = "other"
-    return _code(ROLES, role), proto, meth, _code(STATUS_CLASSES, status)
+    grpc = _code(GRPC_STATUSES, grpc_status) if proto == "grpc" else ""
+    return _code(ROLES, role), proto, meth, _code(STATUS_CLASSES, status), grpc
 
 
 def _code(names: tuple[str, ...], code: int) -> str:
@@ -161,8 +165,8 @@ def _requests(acc: _Acc, raw: RawData, identities: Mapping[int, Identity]) -> No
         ident = identities.get(cgid)
         if ident is None:
             continue
-        for (role, proto, method, status), slots in by_labels.items():
-            labels = request_labels(role, proto, method, status)
+        for (role, proto, method, status, grpc), slots in by_labels.items():
+            labels = request_labels(role, proto, method, status, grpc)
             acc.add(m.REQUESTS, (*ident.labels, *labels), sum(c for c, _ in slots.values()))
             acc.add_hist(m.REQUEST_DURATION, (*ident.labels, labels[0], labels[1]), slots)
 

@@ -11,10 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from h2_actions import wanted_code
 from hostprobe import preferred_refused, refusal_under, require_preferred_build
 from kernel_maps import Totals, flow_key
 from podsim import SimCluster, client_argv, ready_path, server_argv, wait_for_file
@@ -25,11 +27,13 @@ from exporter.kernel.btf import Btf
 from exporter.kernel.offsets import resolve_offsets
 from exporter.kernel.programs import LoadedPrograms, MapSizes, load_programs
 from exporter.metrics.raw import HTTP_METHODS, PROTOCOLS, ROLES, STATUS_CLASSES
+from exporter.metrics.snapshot import request_labels
 from exporter.pods.cgroups import find_cgroup2_mount
 
 V4_LOOPBACK = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
 ROLE_SERVER, ROLE_CLIENT = ROLES.index("server"), ROLES.index("client")
 HTTP_ACTIONS = str(Path(__file__).resolve().parent / "http_actions.py")
+H2_ACTIONS = str(Path(__file__).resolve().parent / "h2_actions.py")
 
 
 class HidingBtf:
@@ -60,6 +64,7 @@ def btf() -> Btf:
 BUILDS: dict[str, dict[str, object]] = {
     "tp_btf": {},
     "raw": {"tp_btf": False},
+    "tp_btf-http1": {"requests": "http1"},
     "tp_btf-turns": {"requests": "turns"},
     "raw-turns": {"tp_btf": False, "requests": "turns"},
     "tp_btf-no-requests": {"requests": "off"},
@@ -211,7 +216,7 @@ def test_every_build_reads_http_only_when_asked(btf: Btf, cluster: SimCluster, b
             (ROLES[role], PROTOCOLS[proto], HTTP_METHODS[method], STATUS_CLASSES[status]): sum(
                 n for n, _ in slots.values()
             )
-            for (role, proto, method, status), slots in requests.items()
+            for (role, proto, method, status, _), slots in requests.items()
         }
         if build.endswith("no-requests"):
             assert counts == {}
@@ -219,6 +224,50 @@ def test_every_build_reads_http_only_when_asked(btf: Btf, cluster: SimCluster, b
             assert counts == {("server", "other", "", ""): 12, ("client", "other", "", ""): 12}
         else:
             assert counts == {("server", "http", "POST", "4xx"): 12, ("client", "http", "POST", "4xx"): 12}
+    finally:
+        progs.close()
+
+
+@pytest.mark.parametrize("build", ["tp_btf", "raw", "tp_btf-http1", "raw-turns"])
+def test_every_build_counts_grpc_streams_or_turns(btf: Btf, cluster: SimCluster, build: str) -> None:
+    # 30 gRPC calls, 10 at a time, every 5th answered NOT_FOUND, on one connection: one
+    # request per stream where HTTP/2 is recognised (the walker runs as tp_btf or as raw
+    # tracepoint programs alike); turns of protocol "other" where it is not.
+    progs = load(btf, build=build)
+    try:
+        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-grpc-{build}.service")
+        port, ready = free_port(), ready_path()
+        server = cluster.cgroup_popen(
+            cg_dir,
+            [sys.executable, H2_ACTIONS, "grpc-server", "--port", str(port), "--ready-file", ready],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_file(ready, proc=server)
+            argv = ["grpc-client", "--host", "127.0.0.1", "--port", str(port), "--calls", "30"]
+            argv += ["--fail-every", "5", "--concurrency", "10"]
+            client = cluster.cgroup_popen(
+                cg_dir, [sys.executable, H2_ACTIONS, *argv], stdout=subprocess.DEVNULL
+            )
+            assert client.wait(60) == 0
+        finally:
+            server.kill()
+            server.wait()
+        counts: dict[tuple[str, ...], int] = {}
+        for (role, proto, method, status, grpc), slots in (
+            Totals(progs).read().requests.get(cg_id, {}).items()
+        ):
+            key = request_labels(role, proto, method, status, grpc)
+            counts[key] = counts.get(key, 0) + sum(n for n, _ in slots.values())
+        if build in ("tp_btf", "raw"):
+            codes = Counter(str(wanted_code(i, 5)) for i in range(1, 31))
+            assert counts == {
+                (role, "grpc", "POST", "2xx", code): n
+                for role in ("server", "client")
+                for code, n in codes.items()
+            }
+        else:
+            assert counts and {k[1] for k in counts} == {"other"}, counts
     finally:
         progs.close()
 

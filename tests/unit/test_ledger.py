@@ -181,7 +181,7 @@ def raws(draw: st.DrawFn) -> RawData:
             raw.flows[(cg, peer)] = (draw(st.integers(0, 2**64)), draw(st.integers(0, 2**64)))
         raw.rtt[cg] = draw(slots)
         raw.connect[cg] = draw(slots)
-        raw.requests[cg] = {(1, 2, 3, 2): draw(slots)}
+        raw.requests[cg] = {(1, 2, 3, 2, 0): draw(slots), (1, 4, 2, 2, 6): draw(slots)}
     return raw
 
 
@@ -212,8 +212,14 @@ GOOD = {
     "flows": {(1, ("a", "b", "pod")): (1, 2)},
     "rtt": {1: {130: (1, 2)}},
     "connect": {},
-    "requests": {1: {(1, 2, 3, 2): {130: (1, 2)}}},
+    "requests": {1: {(1, 2, 3, 2, 0): {130: (1, 2)}}},
 }
+
+
+def test_totals_saved_before_grpc_status_read_as_none() -> None:
+    """Totals saved before the gRPC status code existed have four request codes."""
+    old = {**GOOD, "requests": {1: {(1, 2, 3, 2): {130: (1, 2)}}}}
+    assert decode_raw(old).requests == {1: {(1, 2, 3, 2, 0): {130: (1, 2)}}}
 
 
 @pytest.mark.parametrize(
@@ -230,6 +236,7 @@ GOOD = {
         ("rtt", {1: {130: (1, 2.5)}}),
         ("rtt", {1: {130: 1}}),
         ("requests", {1: {(1, 2, 3): {130: (1, 2)}}}),
+        ("requests", {1: {(1, 2, 3, 4, 5, 6): {130: (1, 2)}}}),
         ("requests", {1: [1]}),
     ],
 )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from exporter.metrics import model as m
 from exporter.metrics.ledger import LOOPBACK
 from exporter.metrics.raw import CgroupCounters, RawData
-from exporter.metrics.snapshot import ExporterState, build_snapshot
+from exporter.metrics.snapshot import ExporterState, build_snapshot, request_labels
 from exporter.pods.identity import Identity
 from exporter.pods.metadata import MetadataSourceState
 from exporter.pods.pods import PodMeta
@@ -317,7 +317,7 @@ def test_every_sample_matches_its_family() -> None:
     raw.flows[(1, EXTERNAL)] = (1, 1)
     raw.rtt[1] = {120: (1, 1)}
     raw.connect[1] = {120: (1, 1)}
-    raw.requests[1] = {(1, 2, 1, 2): {120: (1, 1)}}
+    raw.requests[1] = {(1, 2, 1, 2, 0): {120: (1, 1)}}
     state = ExporterState(
         errors={"poll": 1},
         programs={"x": True},
@@ -363,3 +363,22 @@ def test_snapshot_is_immutable() -> None:
     with pytest.raises(TypeError):
         snap.samples["x"] = ()  # type: ignore[index]
     assert isinstance(snap.samples[m.TCP_SENT.name], tuple)
+
+
+@pytest.mark.parametrize(
+    ("codes", "labels"),
+    [
+        ((1, 1, 0, 0, 0), ("server", "other", "", "", "")),
+        ((2, 2, 1, 2, 0), ("client", "http", "GET", "2xx", "")),
+        ((1, 2, 0, 4, 0), ("server", "http", "other", "4xx", "")),
+        ((1, 3, 10, 5, 0), ("server", "http2", "other", "5xx", "")),
+        ((1, 3, 2, 2, 3), ("server", "http2", "POST", "2xx", "")),  # only gRPC has a gRPC status
+        ((2, 4, 2, 2, 1), ("client", "grpc", "POST", "2xx", "0")),
+        ((2, 4, 2, 2, 17), ("client", "grpc", "POST", "2xx", "16")),
+        ((2, 4, 2, 0, 0), ("client", "grpc", "POST", "", "")),
+        ((2, 4, 2, 2, 18), ("client", "grpc", "POST", "2xx", "")),  # out of range: no label
+        ((9, 9, 99, 9, 99), ("", "", "", "", "")),
+    ],
+)
+def test_request_labels(codes: tuple[int, int, int, int, int], labels: tuple[str, ...]) -> None:
+    assert request_labels(*codes) == labels

@@ -107,9 +107,12 @@ static __always_inline int podnet_syscall_buffer(struct podnet_sysbuf *b)
     return -1;
 }
 
-/* The first PODNET_PEEK_BYTES of the current read/write/send/recv syscall's buffer. */
-static __always_inline int podnet_peek(u8 *buf)
+/* The first PODNET_PEEK_BYTES of `plain` (a TLS library's plaintext), or without it of the
+ * current read/write/send/recv syscall's buffer. */
+static __always_inline int podnet_peek(u8 *buf, const char *plain)
 {
+    if (plain)
+        return bpf_probe_read_user(buf, PODNET_PEEK_BYTES, plain);
     struct podnet_sysbuf b;
     if (podnet_syscall_buffer(&b))
         return -1;
@@ -119,7 +122,7 @@ static __always_inline int podnet_peek(u8 *buf)
     return bpf_probe_read_user(buf, PODNET_PEEK_BYTES, ubuf);
 }
 #else
-static __always_inline int podnet_peek(u8 *buf)
+static __always_inline int podnet_peek(u8 *buf, const char *plain)
 {
     return -1;
 }
@@ -131,10 +134,10 @@ static __always_inline int podnet_is(const u8 *b, char c0, char c1, char c2, cha
 }
 
 /* The HTTP method that starts this request, 0 if it is not HTTP/1.x. */
-static __always_inline u8 podnet_peek_method(int len)
+static __always_inline u8 podnet_peek_method(int len, const char *plain)
 {
     u8 b[PODNET_PEEK_BYTES] = {};
-    if (len < 4 || podnet_peek(b))
+    if (len < 4 || podnet_peek(b, plain))
         return 0;
     if (podnet_is(b, 'G', 'E', 'T', ' '))
         return PODNET_HTTP_GET;
@@ -170,10 +173,10 @@ static __always_inline u8 podnet_peek_method(int len)
 }
 
 /* 1..5 from an "HTTP/1.x NNN" status line that starts this response, else 0. */
-static __always_inline u8 podnet_peek_status_class(int len)
+static __always_inline u8 podnet_peek_status_class(int len, const char *plain)
 {
     u8 b[PODNET_PEEK_BYTES] = {};
-    if (len < 12 || podnet_peek(b))
+    if (len < 12 || podnet_peek(b, plain))
         return 0;
     if (!podnet_is(b, 'H', 'T', 'T', 'P') || b[4] != '/' || b[5] != '1' || b[6] != '.' || b[8] != ' ')
         return 0;

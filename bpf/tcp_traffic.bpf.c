@@ -73,6 +73,8 @@ struct tcp_sock_info {
 #define PODNET_SOCK_H2_LOST 0x4     /* HTTP/2, but its state was lost: nothing more is counted */
 #define PODNET_SOCK_H2_SENT 0x8     /* the state of the direction sent exists */
 #define PODNET_SOCK_H2_RECEIVED 0x10
+#define PODNET_SOCK_TLS 0x20        /* a TLS library's connection: requests come from its plaintext */
+#define PODNET_SOCK_TLS_CHECKED 0x40    /* its first request is over: a TLS library would have shown */
 
 #define PODNET_MAPID_REQUEST_HIST 2
 #define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
@@ -445,13 +447,13 @@ static __always_inline int podnet_h2_walk(void)
 }
 
 /* Point the cursor at this syscall's payload; 1 when there is something to walk. */
-static __always_inline int podnet_h2_start(const void *sk, u64 cgroup_id, u8 role, u8 *flags, int sent, int len,
-                                           u64 now, int preface)
+static __always_inline int podnet_h2_start(u64 conn, u64 cgroup_id, u8 role, u8 *flags, int sent, int len, u64 now,
+                                           int preface, const char *plain)
 {
     if (*flags & PODNET_SOCK_H2_LOST)
         return 0;
     u8 made = sent ? PODNET_SOCK_H2_SENT : PODNET_SOCK_H2_RECEIVED;
-    struct podnet_h2_dir_key k = {.conn = (u64)sk, .sent = sent};
+    struct podnet_h2_dir_key k = {.conn = conn, .sent = sent};
     struct podnet_h2_dir *d = h2_conn_dirs.lookup(&k);
     u32 zero = 0;
     if (!d && !(*flags & made)) {
@@ -472,13 +474,13 @@ static __always_inline int podnet_h2_start(const void *sk, u64 cgroup_id, u8 rol
         return 0;
     if (preface)
         d->skip = 24;
-    struct podnet_sysbuf b;
-    if (podnet_syscall_buffer(&b))
+    struct podnet_sysbuf b = {.buf = plain};
+    if (!plain && podnet_syscall_buffer(&b))
         return 0;
     struct podnet_h2_cursor *c = h2_cursor.lookup(&zero);
     if (!c)
         return 0;
-    c->conn = (u64)sk;
+    c->conn = conn;
     c->sent = sent;
     c->cgroup_id = cgroup_id;
     c->role = role;
@@ -696,7 +698,7 @@ static __always_inline void observe_rtt(const void *sk, struct tcp_sock_info *in
 }
 
 /* The request state machine: called for each send/recv with data. */
-static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int len, u64 now)
+static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int len, u64 now, const char *plain)
 {
     if (!info->role)    /* established before podnet started: whoever speaks first asks */
         info->role = sent ? PODNET_ROLE_CLIENT : PODNET_ROLE_SERVER;
@@ -706,7 +708,7 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
             return;     /* more of the previous response */
         info->in_request = 1;
         info->turn_start_ns = now;
-        info->method = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_method(len);
+        info->method = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_method(len, plain);
         if (info->method == PODNET_HTTP2_PREFACE) {
             /* HTTP/2 from here on: streams, not turns, are its requests. */
             info->flags |= PODNET_SOCK_H2;
@@ -719,13 +721,169 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
         return;         /* more of the request */
     info->in_request = 0;
     u64 ns = now - info->turn_start_ns;
-    u8 status = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_status_class(len);
+    u8 status = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_status_class(len, plain);
     /* A connection does not turn into HTTP/1.x later: once a request was something else,
      * its payload is never read again. */
     if (!info->method && !status)
         info->flags |= PODNET_SOCK_NOT_HTTP;
+    info->flags |= PODNET_SOCK_TLS_CHECKED;
     observe_request(info, ns, status);
 }
+
+/* Requests of one payload on a connection (a socket; or a TLS library's connection object,
+ * `plain` its plaintext): 1 when the payload is to be walked as HTTP/2. */
+static __always_inline int track_requests(u64 conn, struct tcp_sock_info *info, int sent, int len, u64 now,
+                                          const char *plain)
+{
+#ifdef PODNET_HTTP2
+    if (info->flags & PODNET_SOCK_H2)
+        return podnet_h2_start(conn, info->flow.cgroup_id, info->role, &info->flags, sent, len, now, 0, plain);
+    track_turn(info, sent, len, now, plain);
+    if (info->flags & PODNET_SOCK_H2)
+        return podnet_h2_start(conn, info->flow.cgroup_id, info->role, &info->flags, sent, len, now, 1, plain);
+#else
+    track_turn(info, sent, len, now, plain);
+#endif
+    return 0;
+}
+
+#ifdef PODNET_TLS
+/* ---- TLS: OpenSSL's plaintext, through uprobes (user space calls the library) ----
+ *
+ * Entry probes of SSL_write/SSL_read (and _ex) and SSL_do_handshake note the call per
+ * thread; the socket hook of the same thread, seeing a call in progress, marks the socket
+ * as the library's (no turns of ciphertext are counted on it) and tells the call the
+ * socket's owner and role; the return probe hands the plaintext to the same recognition as
+ * sockets, on state kept per SSL object (forgotten at SSL_free). Arguments are read from
+ * the probe's registers at BTF-resolved offsets (x86-64 SysV: di, si, dx, cx; ax returns).
+ */
+#define PODNET_TLS_WRITE 1
+#define PODNET_TLS_READ 2
+#define PODNET_TLS_HANDSHAKE 3
+
+#ifndef PODNET_TLS_CONNS
+#define PODNET_TLS_CONNS 16384
+#endif
+
+struct podnet_tls_call {
+    u64 ssl;
+    const char *buf;
+    u64 *len_out;       /* _ex forms: where the library writes the byte count */
+    u64 cgroup_id;      /* the socket's owner, from the socket hook (0: not seen) */
+    u8 kind;            /* PODNET_TLS_* */
+    u8 role;            /* the socket's role, from the socket hook */
+    u8 pad[6];
+};
+
+PODNET_TABLE("lru_hash", u64, struct podnet_tls_call, tls_calls_active, PODNET_TLS_CONNS, 0);
+/* Per SSL object: the request state a socket has (role, turn, HTTP/2 flags). */
+PODNET_TABLE("lru_hash", u64, struct tcp_sock_info, tls_conn_state, PODNET_TLS_CONNS, 0);
+PODNET_TABLE("prog", u32, u32, h2_walk_tls, 1, 0);
+
+#define PODNET_REG(ctx, off) (*(u64 *)((char *)(ctx) + (off)))
+
+static __always_inline void podnet_tls_claim(const void *sk, struct tcp_sock_info *info)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct podnet_tls_call *call = tls_calls_active.lookup(&id);
+    if (!call)
+        return;
+    info->flags |= PODNET_SOCK_TLS;
+    info->in_request = 0;
+    call->cgroup_id = info->flow.cgroup_id;
+    call->role = info->role;
+}
+
+static __always_inline int podnet_tls_enter(void *ctx, u8 kind, int ex)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct podnet_tls_call call = {.ssl = PODNET_REG(ctx, PODNET_OFF_PT_REGS_DI), .kind = kind};
+    if (kind != PODNET_TLS_HANDSHAKE) {
+        call.buf = (const char *)PODNET_REG(ctx, PODNET_OFF_PT_REGS_SI);
+        if (ex)
+            call.len_out = (u64 *)PODNET_REG(ctx, PODNET_OFF_PT_REGS_CX);
+    }
+    tls_calls_active.update(&id, &call);
+    return 0;
+}
+
+int on_ssl_write(void *ctx) { return podnet_tls_enter(ctx, PODNET_TLS_WRITE, 0); }
+int on_ssl_write_ex(void *ctx) { return podnet_tls_enter(ctx, PODNET_TLS_WRITE, 1); }
+int on_ssl_read(void *ctx) { return podnet_tls_enter(ctx, PODNET_TLS_READ, 0); }
+int on_ssl_read_ex(void *ctx) { return podnet_tls_enter(ctx, PODNET_TLS_READ, 1); }
+int on_ssl_handshake(void *ctx) { return podnet_tls_enter(ctx, PODNET_TLS_HANDSHAKE, 0); }
+
+/* The return of any of them. */
+int on_ssl_return(void *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct podnet_tls_call *found = tls_calls_active.lookup(&id);
+    if (!found)
+        return 0;
+    struct podnet_tls_call call = *found;
+    tls_calls_active.delete(&id);
+    s64 rc = (s64)PODNET_REG(ctx, PODNET_OFF_PT_REGS_AX);
+    u64 len = 0;
+    if (call.kind == PODNET_TLS_HANDSHAKE) {
+        /* The connection's role, learnt from its socket: a server may write first (an
+         * HTTP/2 server's SETTINGS). */
+        if (call.role && !tls_conn_state.lookup(&call.ssl)) {
+            struct tcp_sock_info fresh = {.role = call.role};
+            fresh.flow.cgroup_id = call.cgroup_id;
+            tls_conn_state.update(&call.ssl, &fresh);
+        }
+        return 0;
+    }
+    if (rc <= 0)
+        return 0;
+    if (call.len_out) {
+        if (rc != 1 || bpf_probe_read_user(&len, sizeof(len), call.len_out))
+            return 0;
+    } else {
+        len = rc;
+    }
+    if (!len || len > 0x7fffffff)
+        return 0;
+    struct tcp_sock_info *info = tls_conn_state.lookup(&call.ssl);
+    if (!info) {
+        struct tcp_sock_info fresh = {.role = call.role};
+        fresh.flow.cgroup_id = call.cgroup_id ? call.cgroup_id : bpf_get_current_cgroup_id();
+        tls_conn_state.update(&call.ssl, &fresh);
+        info = tls_conn_state.lookup(&call.ssl);
+        if (!info)
+            return 0;
+    }
+    if (!info->role && call.role)
+        info->role = call.role;
+    int walk = track_requests(call.ssl, info, call.kind == PODNET_TLS_WRITE, (int)len, bpf_ktime_get_ns(), call.buf);
+#ifdef PODNET_HTTP2
+    if (walk)
+        h2_walk_tls.call(ctx, 0);
+#endif
+    return 0;
+}
+
+int on_ssl_free(void *ctx)
+{
+    u64 ssl = PODNET_REG(ctx, PODNET_OFF_PT_REGS_DI);
+#ifdef PODNET_HTTP2
+    struct tcp_sock_info *info = tls_conn_state.lookup(&ssl);
+    if (info && (info->flags & PODNET_SOCK_H2))
+        podnet_h2_forget(ssl);
+#endif
+    tls_conn_state.delete(&ssl);
+    return 0;
+}
+
+#ifdef PODNET_HTTP2
+int h2_walk_on_tls(void *ctx)
+{
+    if (!podnet_h2_walk())
+        h2_walk_tls.call(ctx, 0);
+    return 0;
+}
+#endif
+#endif /* PODNET_TLS */
 
 /* First sight of a socket: its state, created from its identity (left in *fresh). NULL
  * for sockets podnet does not track (fresh->flow.cgroup_id stays 0) and when there is no
@@ -766,17 +924,13 @@ static __always_inline int count_bytes(const void *sk, int ret, int flags, int s
     int walk = 0;
 #ifndef PODNET_NO_REQUESTS
     u64 now = bpf_ktime_get_ns();
-#ifdef PODNET_HTTP2
-    if (info->flags & PODNET_SOCK_H2) {
-        walk = podnet_h2_start(sk, info->flow.cgroup_id, info->role, &info->flags, sent, ret, now, 0);
-    } else {
-        track_turn(info, sent, ret, now);
-        if (info->flags & PODNET_SOCK_H2)
-            walk = podnet_h2_start(sk, info->flow.cgroup_id, info->role, &info->flags, sent, ret, now, 1);
-    }
-#else
-    track_turn(info, sent, ret, now);
+#ifdef PODNET_TLS
+    if (!(info->flags & PODNET_SOCK_TLS_CHECKED) || (info->flags & PODNET_SOCK_TLS))
+        podnet_tls_claim(sk, info);
+    /* A TLS library's connection: its requests are read from the plaintext (uprobes). */
+    if (!(info->flags & PODNET_SOCK_TLS))
 #endif
+        walk = track_requests((u64)sk, info, sent, ret, now, 0);
     if (now - info->last_rtt_ns >= PODNET_RTT_SAMPLE_NS) {
 #else
     /* Without requests nothing else needs the clock: space the samples by the tick

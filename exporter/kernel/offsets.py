@@ -57,8 +57,12 @@ EXTRA_FIELDS: dict[str, FieldSpec] = {
         _f("PODNET_OFF_TCP_SRTT_US", 4, ("tcp_sock", "srtt_us")),
         _f("PODNET_OFF_SKB_CB", 48, ("sk_buff", "cb")),
         _f("PODNET_OFF_TCP_SKB_CB_GSO_SEGS", 2, ("tcp_skb_cb", "tcp_gso_segs")),
-        # x86-64 syscall registers, to find a syscall's user buffer (HTTP recognition).
+        # x86-64 syscall registers, to find a syscall's user buffer (HTTP recognition), and
+        # a uprobe's arguments and return value (TLS: di, si, cx; ax).
+        _f("PODNET_OFF_PT_REGS_DI", 8, ("pt_regs", "di")),
         _f("PODNET_OFF_PT_REGS_SI", 8, ("pt_regs", "si")),
+        _f("PODNET_OFF_PT_REGS_CX", 8, ("pt_regs", "cx")),
+        _f("PODNET_OFF_PT_REGS_AX", 8, ("pt_regs", "ax")),
         _f("PODNET_OFF_PT_REGS_DX", 8, ("pt_regs", "dx")),
         _f("PODNET_OFF_PT_REGS_ORIG_AX", 8, ("pt_regs", "orig_ax")),
     )

@@ -70,10 +70,10 @@ class Hook:
 
 @dataclass(frozen=True)
 class TailCall:
-    """A program the hook of `tracepoint` tail-calls through slot 0 of `array`. Builds
-    without `function` (the C leaves it out) have no such call."""
+    """A program the hook of `tracepoint` (None: the TLS uprobes) tail-calls through slot
+    0 of `array`. Builds without `function` (the C leaves it out) have no such call."""
 
-    tracepoint: str
+    tracepoint: str | None
     function: str
     array: str
 
@@ -132,6 +132,7 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
         tail_calls=(
             TailCall("sock_send_length", "h2_walk_on_sent", "h2_walk_sent"),
             TailCall("sock_recv_length", "h2_walk_on_received", "h2_walk_received"),
+            TailCall(None, "h2_walk_on_tls", "h2_walk_tls"),
         ),
     ),
     ProgramSpec(
@@ -176,8 +177,47 @@ class Variant:
             parts.append("requests without HTTP recognition")
         elif "-DPODNET_NO_HTTP2" in self.cflags:
             parts.append("requests without HTTP/2")
+        if "-DPODNET_TLS" in self.cflags:
+            parts.append("TLS (OpenSSL)")
         return ", ".join(parts)
 
+
+TlsMode = Literal["off", "openssl"]
+"""TLS recognition (Config.tls): "openssl" builds the uprobe programs of bpf/tcp_traffic.bpf.c."""
+TLS_MODES: Final[tuple[TlsMode, ...]] = get_args(TlsMode)
+
+
+@dataclass(frozen=True)
+class Uprobe:
+    symbol: str
+    function: str
+    ret: bool = False
+    optional: bool = False
+    """Absent from some OpenSSL releases (the _ex forms came in 1.1.1)."""
+
+
+# What --tls openssl attaches to each libssl found (bpf/tcp_traffic.bpf.c, PODNET_TLS).
+OPENSSL_PROBES: Final[tuple[Uprobe, ...]] = (
+    Uprobe("SSL_write", "on_ssl_write"),
+    Uprobe("SSL_write", "on_ssl_return", ret=True),
+    Uprobe("SSL_read", "on_ssl_read"),
+    Uprobe("SSL_read", "on_ssl_return", ret=True),
+    Uprobe("SSL_write_ex", "on_ssl_write_ex", optional=True),
+    Uprobe("SSL_write_ex", "on_ssl_return", ret=True, optional=True),
+    Uprobe("SSL_read_ex", "on_ssl_read_ex", optional=True),
+    Uprobe("SSL_read_ex", "on_ssl_return", ret=True, optional=True),
+    # The handshake: its records are not counted as turns of the socket, and the socket
+    # tells the connection its role. SSL_connect and SSL_accept may not go through
+    # SSL_do_handshake's entry point.
+    Uprobe("SSL_do_handshake", "on_ssl_handshake"),
+    Uprobe("SSL_do_handshake", "on_ssl_return", ret=True),
+    Uprobe("SSL_connect", "on_ssl_handshake"),
+    Uprobe("SSL_connect", "on_ssl_return", ret=True),
+    Uprobe("SSL_accept", "on_ssl_handshake"),
+    Uprobe("SSL_accept", "on_ssl_return", ret=True),
+    Uprobe("SSL_free", "on_ssl_free"),
+)
+UPROBE_FUNCTIONS: Final = tuple(sorted({u.function for u in OPENSSL_PROBES}))
 
 RequestMode = Literal["http", "http1", "turns", "off"]
 """Request tracking build (Config.requests): see _REQUEST_BUILDS."""
@@ -194,8 +234,11 @@ _REQUEST_BUILDS: dict[RequestMode, list[tuple[str, ...]]] = {
 }
 
 
-def variants(spec: ProgramSpec, requests: RequestMode = "http") -> list[Variant]:
+def variants(spec: ProgramSpec, requests: RequestMode = "http", tls: TlsMode = "off") -> list[Variant]:
     peek = _REQUEST_BUILDS[requests] if spec.tracks_requests else [()]
+    if tls == "openssl" and spec.tracks_requests:
+        # TLS recognition reads plaintext like HTTP recognition does: not in builds that read none.
+        peek = [p if "-DPODNET_NO_PEEK" in p else (*p, "-DPODNET_TLS") for p in peek]
     out = [Variant(("-DPODNET_TP_BTF", *p), tp_btf=True) for p in peek] if spec.btf_typed else []
     return out + [Variant(p) for p in peek]
 
@@ -260,6 +303,8 @@ class LoadedPrograms:
     unused maps BCC created when compiling it."""
     variant_tags: dict[str, str] = field(default_factory=dict)
     """program -> the tag (pins.variant_tag) of the build loaded last."""
+    tls_program: str | None = None
+    """The program whose build has the TLS uprobe programs (OPENSSL_PROBES), ready to attach."""
     tail_fds: dict[str, int] = field(default_factory=dict)
     """tail-called function -> its program fd (the arrays hold their own references)."""
     _pinned_fds: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -303,6 +348,34 @@ class LoadedPrograms:
             if fn is not None:
                 out[h.hook.label] = fn.fd
         return out
+
+    def attach_tls(self, path: str) -> list[str]:
+        """Attach OPENSSL_PROBES to the library at `path` (every process mapping that file
+        runs them); returns the optional symbols it lacks. Raises BpfSyscallError (one
+        line) when a required one is missing, having detached what it attached."""
+        obj = self.objects.get(self.tls_program or "")
+        if obj is None:
+            raise BpfSyscallError("no build with TLS recognition is loaded")
+        name = path.encode()
+        done: list[Uprobe] = []
+        missing: list[str] = []
+        for u in OPENSSL_PROBES:
+            attach = obj.attach_uretprobe if u.ret else obj.attach_uprobe
+            try:
+                with _captured_stderr():
+                    attach(name=name, sym=u.symbol.encode(), fn_name=u.function.encode(), pid=-1)
+            except Exception as e:  # BCC raises bare Exception
+                if u.optional:
+                    if u.symbol not in missing:
+                        missing.append(u.symbol)
+                    continue
+                for d in done:
+                    detach = obj.detach_uretprobe if d.ret else obj.detach_uprobe
+                    with contextlib.suppress(Exception):
+                        detach(name=name, sym=d.symbol.encode())
+                raise BpfSyscallError(f"{u.symbol}: {str(e).strip() or type(e).__name__}") from None
+            done.append(u)
+        return missing
 
     def attached(self, program: str) -> bool:
         return any(h.attached for h in self.hooks if h.program == program)
@@ -459,7 +532,10 @@ def _fill_tail_calls(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec, obj: A
     for tc in spec.tail_calls:
         if not _has_function(obj, tc.function):
             continue
-        if variant.tp_btf:
+        if tc.tracepoint is None:
+            with _captured_stderr():
+                fd = os.dup(obj.load_func(tc.function.encode(), obj.KPROBE).fd)
+        elif variant.tp_btf:
             type_id = btf.tracepoint_type_id(tc.tracepoint)
             if type_id is None:
                 raise BpfSyscallError(f"kernel has no tracepoint {tc.tracepoint}")
@@ -472,6 +548,29 @@ def _fill_tail_calls(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec, obj: A
             os.close(old)
         loaded.tail_fds[tc.label] = fd
         obj.get_table(tc.array.encode())[ct.c_int(0)] = ct.c_int(fd)
+
+
+def _load_uprobes(loaded: LoadedPrograms, spec: ProgramSpec, obj: Any, tag: str, adopt: bool) -> None:
+    """Make the build's TLS uprobe programs ready for attaching to libraries as they are
+    found. They share the build's maps, so they are pinned with it, and a later exporter
+    adopting the build attaches those very programs (BCC's load_func returns what its
+    `funcs` holds)."""
+    if not _has_function(obj, UPROBE_FUNCTIONS[0]):
+        return
+    pins = loaded.pins
+    for fn in UPROBE_FUNCTIONS:
+        if adopt and pins is not None:
+            try:
+                fd = obj_get(pins.prog_path(spec.name, tag, fn))
+            except OSError as e:
+                raise BpfSyscallError(f"pinned TLS program {fn} unusable: {e.strerror}") from None
+            obj.funcs[fn.encode()] = obj.Function(obj, fn.encode(), fd)
+            continue
+        with _captured_stderr():
+            prog = obj.load_func(fn.encode(), obj.KPROBE)
+        if pins is not None:
+            obj_pin(prog.fd, pins.prog_path(spec.name, tag, fn))
+    loaded.tls_program = spec.name
 
 
 def _map_socket_slots(loaded: LoadedPrograms, spec: ProgramSpec, obj: Any) -> None:
@@ -535,6 +634,11 @@ def _compile_and_attach(
             return last
     if adopt and pins is not None:
         _adopt_links(loaded, spec.name, usable, pins, tag)
+        try:
+            _load_uprobes(loaded, spec, obj, tag, adopt=True)
+        except BpfSyscallError as e:
+            for st in usable:
+                st.attached, st.reason = False, str(e)
         if all(st.attached for st in usable):
             loaded.adopted.add(spec.name)
             loaded.builds[spec.name] = variant.describe()
@@ -562,7 +666,8 @@ def _compile_and_attach(
             _map_socket_slots(loaded, spec, obj)
     try:
         _fill_tail_calls(loaded, btf, spec, obj, variant)
-    except (BpfSyscallError, Exception) as e:
+        _load_uprobes(loaded, spec, obj, tag, adopt=False)
+    except Exception as e:
         for st in usable:
             st.reason = f"tail-called program: {e}"
         loaded.unmap_socket_slots(spec.name)
@@ -660,11 +765,11 @@ def _warn_fallback(loaded: LoadedPrograms, program: str) -> None:
     )
 
 
-def state_digest(offsets: Offsets, sizes: MapSizes, requests: RequestMode) -> str:
+def state_digest(offsets: Offsets, sizes: MapSizes, requests: RequestMode, tls: TlsMode = "off") -> str:
     """What pinned state must match to be reused (exporter.kernel.pins)."""
     sources = [p for p in BPF_DIR.iterdir() if p.suffix in (".c", ".h")]
     return build_digest(
-        sources, [*offsets.cflags(), *sizes.cflags(), *syscall_cflags(), f"requests={requests}"]
+        sources, [*offsets.cflags(), *sizes.cflags(), *syscall_cflags(), f"requests={requests}", f"tls={tls}"]
     )
 
 
@@ -677,6 +782,7 @@ def load_programs(
     requests: RequestMode = "http",
     tp_btf: bool = True,
     kernel_headers: str | None = None,
+    tls: TlsMode = "off",
     pins: Pins | None = None,
     before_attach: Callable[[str, Any], None] | None = None,
 ) -> LoadedPrograms:
@@ -715,7 +821,7 @@ def load_programs(
         if not usable:
             continue
         base = program_cflags(spec, offsets, sizes, nargs)
-        tries = [v for v in variants(spec, requests) if tp_btf or not v.tp_btf]
+        tries = [v for v in variants(spec, requests, tls) if tp_btf or not v.tp_btf]
         old = pins.adopted(spec.name) if pins is not None else None
         # The build a previous exporter left attached goes first: adopting it keeps counting
         # without a gap; any other build's pins are removed below, detaching it.

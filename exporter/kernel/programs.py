@@ -305,6 +305,8 @@ class LoadedPrograms:
     """program -> the tag (pins.variant_tag) of the build loaded last."""
     tls_program: str | None = None
     """The program whose build has the TLS uprobe programs (OPENSSL_PROBES), ready to attach."""
+    tls_attached: int = 0
+    """Libraries the TLS uprobes are attached to."""
     tail_fds: dict[str, int] = field(default_factory=dict)
     """tail-called function -> its program fd (the arrays hold their own references)."""
     _pinned_fds: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -347,6 +349,14 @@ class LoadedPrograms:
             fn = obj.funcs.get(h.hook.function.encode()) if h.attached and obj is not None else None
             if fn is not None:
                 out[h.hook.label] = fn.fd
+        # The HTTP/2 walkers and the TLS uprobes: what recognising those protocols costs.
+        out.update(self.tail_fds)
+        tls = self.objects.get(self.tls_program or "")
+        if tls is not None and self.tls_attached:
+            for name in UPROBE_FUNCTIONS:
+                fn = tls.funcs.get(name.encode())
+                if fn is not None:
+                    out[name] = fn.fd
         return out
 
     def attach_tls(self, path: str) -> list[str]:
@@ -375,6 +385,7 @@ class LoadedPrograms:
                         detach(name=name, sym=d.symbol.encode())
                 raise BpfSyscallError(f"{u.symbol}: {str(e).strip() or type(e).__name__}") from None
             done.append(u)
+        self.tls_attached += 1
         return missing
 
     def attached(self, program: str) -> bool:

@@ -119,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = resolve(ns, os.environ)
             return doctor.main(
-                config.cgroup_root, kernel_headers=config.kernel_headers, pin_dir=config.pin_dir
+                config.cgroup_root,
+                kernel_headers=config.kernel_headers,
+                pin_dir=config.pin_dir,
+                tls=config.tls,
             )
         if command == "bpf-source":
             return bpf_source(ns.preprocessed)

@@ -56,7 +56,7 @@ from exporter.app.values import (
     _url,
 )
 from exporter.export.otlp_config import OtlpConfig
-from exporter.kernel.programs import RequestMode
+from exporter.kernel.programs import RequestMode, TlsMode
 from exporter.pods.kube import KubeConfig
 
 _T = TypeVar("_T")
@@ -97,10 +97,16 @@ class Config:
     kube: KubeConfig | None = None
     """The Kubernetes API pod metadata source; None when pods come from --pods-file or nowhere."""
     requests: RequestMode = "http"
-    """Request tracking: "http" counts requests and recognises HTTP/1.x
-    from their first bytes; "turns" counts them without reading any payload (protocol
-    "other"); "off" builds the hot path without request tracking (no clock read per
-    send/recv, no podnet_request* metrics)."""
+    """Request tracking: "http" counts requests and recognises HTTP/1.x from their first
+    bytes and HTTP/2 and gRPC streams from the connection preface on; "http1" recognises
+    HTTP/1.x only (HTTP/2 connections count as turns, protocol "other"); "turns" counts
+    them without reading any payload (protocol "other"); "off" builds the hot path without
+    request tracking (no clock read per send/recv, no podnet_request* metrics)."""
+    tls: TlsMode = "off"
+    """TLS plaintext capture: "openssl" puts uprobes on OpenSSL's SSL_read/SSL_write
+    (libssl.so.3, libssl.so.1.1) of every process, so requests inside TLS are recognised
+    like plaintext ones; needs requests "http" or "http1". "off": TLS connections count as
+    turns (protocol "other")."""
     kernel_headers: str | None = None
     """The kernel headers tree BCC compiles against; None means the first usable of
     $BCC_KERNEL_SOURCE, podnet's own tree and /lib/modules/<release>/build
@@ -216,6 +222,7 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
             given = given or _from_env(environ, "NODE_NAME")
         if setting.parse is not None:
             values[setting.key] = _parsed(given, setting.parse, setting.value)
+    _check_tls(values, sources)
     otlp, kube = _otlp(values, sources, environ), _kube(values, sources, environ)
     listen_host, listen_port = values.pop("listen")
     values["node_name"] = values["node_name"] or socket.gethostname()
@@ -228,6 +235,18 @@ def resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         kube=kube,
         **fields,
     )
+
+
+def _check_tls(values: Mapping[str, Any], sources: _Sources) -> None:
+    """--tls openssl hands decrypted payloads to HTTP recognition: with --requests turns or off
+    nothing would read them, so the uprobes would cost without counting anything."""
+    tls, requests = sources.get("tls"), sources.get("requests")
+    if values["tls"] == "openssl" and values["requests"] not in ("http", "http1") and tls and requests:
+        raise ConfigError(
+            f"--tls openssl needs --requests http or http1 (the decrypted payloads are read only to "
+            f"recognise HTTP), but {requests.source} is {values['requests']!r} and {tls.source} is "
+            f"'openssl'; set requests to http, or tls to off"
+        )
 
 
 def _kube(values: Mapping[str, Any], sources: _Sources, environ: Mapping[str, str]) -> KubeConfig | None:

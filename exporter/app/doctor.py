@@ -17,6 +17,7 @@ from exporter.kernel.pins import DEFAULT_ROOT, is_bpffs
 from exporter.kernel.programs import PROGRAMS, MapSizes, ProgramLoadError, check_hook, load_programs
 from exporter.pods.cgroups import CgroupError, find_cgroup2_mount
 
+CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
@@ -160,6 +161,40 @@ def check_headers(kernel_headers: str | None) -> Check:
     return Check("kernel headers", True, tree.detail)
 
 
+# Either exists on a kernel with CONFIG_UPROBES (the perf PMU needs no tracefs mount).
+UPROBE_PATHS = ("/sys/bus/event_source/devices/uprobe", "/sys/kernel/tracing/uprobe_events")
+
+
+def check_tls(tls: str) -> Check:
+    """--tls openssl attaches uprobes to every process's libssl, which needs uprobes in the kernel
+    and, to read other containers' /proc/<pid>/maps and root, CAP_SYS_PTRACE."""
+    uprobes = next((path for path in UPROBE_PATHS if os.path.exists(path)), None)
+    if tls != "openssl":
+        where = f"uprobes available ({uprobes})" if uprobes else "no uprobes in this kernel"
+        return Check("TLS", True, f"--tls {tls}: TLS connections count as turns; {where}", required=False)
+    if uprobes is None:
+        return Check(
+            "TLS",
+            False,
+            f"--tls openssl, but this kernel has no uprobes (neither {' nor '.join(UPROBE_PATHS)})",
+            "use a kernel built with CONFIG_UPROBES=y (and CONFIG_UPROBE_EVENTS=y), or --tls off",
+            required=False,
+        )
+    caps = _caps()
+    if not caps & (1 << CAP_SYS_PTRACE):
+        return Check(
+            "TLS",
+            False,
+            f"--tls openssl, uprobes available ({uprobes}), but no CAP_SYS_PTRACE: other containers' "
+            "libssl cannot be found",
+            "grant SYS_PTRACE (and hostPID: true in a pod; the Helm chart does both with config.tls=openssl)",
+            required=False,
+        )
+    return Check(
+        "TLS", True, f"--tls openssl: uprobes available ({uprobes}), CAP_SYS_PTRACE present", required=False
+    )
+
+
 def check_mount(name: str, path: str, fstype: str) -> Check:
     mounts = Path("/proc/self/mounts").read_text().split("\n")
     ok = any(line.split(" ")[1:3] == [path, fstype] for line in mounts if line.count(" ") >= 2)
@@ -233,7 +268,10 @@ def check_load(btf: Btf, kernel_headers: str | None = None) -> Check:
 
 
 def run_checks(
-    cgroup_root: str | None, kernel_headers: str | None = None, pin_dir: str = DEFAULT_ROOT
+    cgroup_root: str | None,
+    kernel_headers: str | None = None,
+    pin_dir: str = DEFAULT_ROOT,
+    tls: str = "off",
 ) -> list[Check]:
     checks = [check_privileges(), check_bpf_syscall()]
     btf_check, btf = check_btf()
@@ -246,6 +284,7 @@ def run_checks(
         check_headers(kernel_headers),
         check_mount("tracefs", "/sys/kernel/tracing", "tracefs"),
         check_pins(pin_dir),
+        check_tls(tls),
     ]
     if btf is not None and all(c.ok for c in checks if c.required):
         checks.append(check_load(btf, kernel_headers))
@@ -257,8 +296,9 @@ def main(
     out: Callable[[str], None] = print,
     kernel_headers: str | None = None,
     pin_dir: str = DEFAULT_ROOT,
+    tls: str = "off",
 ) -> int:
-    checks = run_checks(cgroup_root, kernel_headers, pin_dir)
+    checks = run_checks(cgroup_root, kernel_headers, pin_dir, tls)
     for c in checks:
         mark = "ok" if c.ok else ("FAIL" if c.required else "warn")
         line = f"[{mark:>4}] {c.name}: {c.detail}"

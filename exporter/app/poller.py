@@ -26,6 +26,7 @@ from exporter.export.prometheus import Exposition, Rendered
 from exporter.kernel.bpfstats import prog_run_stats, stats_enabled
 from exporter.kernel.maps import MapReader
 from exporter.kernel.programs import LoadedPrograms
+from exporter.kernel.tls_libs import OpenSslProbes
 from exporter.metrics.ledger import Ledger
 from exporter.metrics.lifecycle import Retired
 from exporter.metrics.model import EMPTY_SNAPSHOT, ERRORS, Sample, Snapshot
@@ -119,6 +120,8 @@ class PollerParts:
     counters_since: float = field(default_factory=time.time)
     startup_errors: dict[str, int] = field(default_factory=dict)
     """Errors of start-up steps that were survived, by stage (podnet_exporter_errors_total)."""
+    tls: OpenSslProbes | None = None
+    """--tls openssl: the libraries probed, refreshed by each poll (the thread that owns BCC)."""
 
 
 class FileSourceHealth:
@@ -243,6 +246,8 @@ class Poller:
             p.peers.refresh_node_addresses(time.monotonic())
         except Exception as e:
             self._error("node_addresses", e)
+        if p.tls is not None:
+            self._refresh_tls(p.tls)
         read = p.reader.read(self.ledger.committed_through, self.ledger.committed_sockets)
         raw = self.ledger.apply(read, p.peers.classify)
         ids = set(raw.cgroups) | {cg for cg, _ in raw.flows} | set(raw.rtt) | set(raw.connect)
@@ -279,6 +284,7 @@ class Poller:
             retired_dropped=self.retired.dropped,
             metadata=self._metadata_states(),
             http=self._http_responses,
+            tls=p.tls.counts() if p.tls is not None else None,
         )
         snap = build_snapshot(
             raw,
@@ -294,6 +300,25 @@ class Poller:
         rendered = p.exposition.render(snap)
         release_memory()
         return rendered
+
+    def _refresh_tls(self, tls: OpenSslProbes) -> None:
+        try:
+            problems = tls.refresh()
+        except Exception as e:
+            self._error("tls", e)
+            return
+        for problem in problems:
+            # One line per library (a failed one is retried only after an hour).
+            self.errors["tls"] += 1
+            log.warning("--tls openssl: %s", problem)
+        scan = tls.last_scan
+        if scan is not None and scan.denied and "tls:denied" not in self._logged:
+            self._logged.add("tls:denied")
+            log.warning(
+                "--tls openssl: the maps of %d processes could not be read (no CAP_SYS_PTRACE, or not in "
+                "the host PID namespace?): TLS inside them is not recognised",
+                scan.denied,
+            )
 
     def _save_then_delete(self) -> None:
         """Save the totals, then delete the kernel entries they now hold. If the save

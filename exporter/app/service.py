@@ -25,8 +25,9 @@ from exporter.kernel.btf import Btf
 from exporter.kernel.maps import MapReader
 from exporter.kernel.offsets import Offsets, resolve_offsets
 from exporter.kernel.pins import Pins
-from exporter.kernel.programs import MapSizes, load_programs, state_digest
+from exporter.kernel.programs import OPENSSL_PROBES, LoadedPrograms, MapSizes, load_programs, state_digest
 from exporter.kernel.seeding import ConnectionSeed
+from exporter.kernel.tls_libs import OpenSslProbes
 from exporter.metrics.ledger import Ledger
 from exporter.metrics.lifecycle import Retired
 from exporter.metrics.model import BucketLayout
@@ -107,7 +108,9 @@ def build_parts(config: Config) -> PollerParts:
         kernel_headers=config.kernel_headers,
         pins=pins,
         before_attach=seed.before_attach,
+        tls=config.tls,
     )
+    tls = _tls_probes(config, programs)
     if saved is None:
         saved = SavedState(Ledger(), Retired(max_identities=config.map_entries), time.time())
     if seed.ran:
@@ -142,7 +145,26 @@ def build_parts(config: Config) -> PollerParts:
         checkpoint=checkpoint if pins is not None else None,
         saved=saved,
         startup_errors={"seed_connections": seed_failures} if seed_failures else {},
+        tls=tls,
     )
+
+
+def _tls_probes(config: Config, programs: LoadedPrograms) -> OpenSslProbes | None:
+    if config.tls == "off":
+        return None
+    obj = programs.tls_object()
+    if obj is None:
+        # Loud: asked for, not there (the build that loaded has no TLS programs; why is in
+        # the fallback warning above and in doctor).
+        log.warning(
+            "--tls openssl: no build with TLS recognition loaded (%s): requests inside TLS count as turns; "
+            "see 'podnet-exporter doctor'",
+            programs.builds.get("tcp_traffic", "tcp_traffic not loaded"),
+        )
+        return None
+    probes = [(u.symbol, u.function, u.ret) for u in OPENSSL_PROBES]
+    log.info("--tls openssl: probing OpenSSL (libssl.so.3, .so.1.1) in every process, rescanned every 5 s")
+    return OpenSslProbes(obj, probes)
 
 
 def open_state(
@@ -153,7 +175,7 @@ def open_state(
     if not config.pin_dir:
         log.warning("--pin-dir none: counters restart from zero whenever the exporter does")
         return None, None, None
-    digest = state_digest(offsets, sizes, config.requests)
+    digest = state_digest(offsets, sizes, config.requests, config.tls)
     pins = Pins(config.pin_dir, digest)
     checkpoint = Checkpoint(config.state_dir, digest)
     # Held until the process exits (the kernel drops the lock with the fd).

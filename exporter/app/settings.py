@@ -32,6 +32,7 @@ from exporter.app.values import (
     _positive,
     _request_mode,
     _text,
+    _tls_mode,
 )
 
 
@@ -105,11 +106,22 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     _S("histogram_scale", "{0,1,2}", "latency histogram resolution (default 0)", "`0`",
        "Prometheus bucket resolution: 0 = powers of 2, 1 = of sqrt 2, 2 = of 2^(1/4)",
        _integer("must be 0, 1 or 2", 0, 2), 0),
-    _S("requests", "http|turns|off", "request tracking: http (counted, HTTP/1.x recognised), turns (counted, "
-       "payload never read), off (the cheapest data path) (default http)", "`http`",
-       "request tracking: `http` (counted, HTTP/1.x method and status recognised), `turns` (counted as "
-       '`protocol="other"`, payloads never read), `off` (no request metrics: the cheapest data path); see '
-       "Requests below", _request_mode, "http"),
+    _S("requests", "http|http1|turns|off", "request tracking: http (counted; HTTP/1.x, HTTP/2 and gRPC "
+       "recognised), http1 (HTTP/1.x recognised, HTTP/2 counted as turns), turns (counted, payload never "
+       "read), off (the cheapest data path) (default http)", "`http`",
+       "request tracking: `http` (counted; HTTP/1.x method and status, HTTP/2 and gRPC streams recognised), "
+       "`http1` (HTTP/1.x only: HTTP/2 connections counted as turns, `protocol=\"other\"`), `turns` "
+       '(counted as `protocol="other"`, payloads never read), `off` (no request metrics: the cheapest data '
+       "path); see Requests below", _request_mode, "http"),
+    _S("tls", "off|openssl", "openssl: read TLS plaintext through uprobes on OpenSSL's libssl (libssl.so.3, "
+       "libssl.so.1.1) in every process, containers included, for HTTP recognition; needs --requests http "
+       "or http1 (default off)", "`off`",
+       "`openssl`: requests inside TLS recognised from the plaintext, through uprobes on OpenSSL's "
+       "`SSL_read`/`SSL_write` in `libssl.so.3` and `libssl.so.1.1` of every process, containers included "
+       "(needs `--requests http` or `http1`, uprobes in the kernel, and in a pod `hostPID` and "
+       "`SYS_PTRACE`; costs a uprobe per SSL call); `off`: TLS connections count as turns; see Requests "
+       "below",
+       _tls_mode, "off", doctor=True),
     _S("pin_dir", "DIR|none", "bpffs directory where maps and programs are pinned, so that counts survive "
        "exporter restarts; none: they end with the process (default /sys/fs/bpf/podnet)",
        "`/sys/fs/bpf/podnet`", "bpffs directory where maps and programs stay pinned between runs, so "

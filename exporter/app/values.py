@@ -16,7 +16,7 @@ from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from exporter.export.otlp_config import redact_urls
-from exporter.kernel.programs import REQUEST_MODES, RequestMode
+from exporter.kernel.programs import REQUEST_MODES, TLS_MODES, RequestMode, TlsMode
 
 _T = TypeVar("_T")
 
@@ -190,6 +190,20 @@ def _request_mode(given: _Given) -> RequestMode:
     if isinstance(value, bool):
         return "http" if value else "off"
     raise given.error("must be " + ", ".join(REQUEST_MODES[:-1]) + " or " + REQUEST_MODES[-1])
+
+
+def _tls_mode(given: _Given) -> TlsMode:
+    # A boolean (YAML true/false, PODNET_TLS=true) reads as openssl / off.
+    value = given.value
+    if isinstance(value, str):
+        value = value.strip().lower()
+        for mode in TLS_MODES:
+            if value == mode:
+                return mode
+        value = True if value in _TRUE else False if value in _FALSE else value
+    if isinstance(value, bool):
+        return "openssl" if value else "off"
+    raise given.error("must be " + " or ".join(TLS_MODES), "openssl")
 
 
 def _boolean(given: _Given) -> bool:

@@ -192,8 +192,6 @@ class Uprobe:
     symbol: str
     function: str
     ret: bool = False
-    optional: bool = False
-    """Absent from some OpenSSL releases (the _ex forms came in 1.1.1)."""
 
 
 # What --tls openssl attaches to each libssl found (bpf/tcp_traffic.bpf.c, PODNET_TLS).
@@ -202,10 +200,10 @@ OPENSSL_PROBES: Final[tuple[Uprobe, ...]] = (
     Uprobe("SSL_write", "on_ssl_return", ret=True),
     Uprobe("SSL_read", "on_ssl_read"),
     Uprobe("SSL_read", "on_ssl_return", ret=True),
-    Uprobe("SSL_write_ex", "on_ssl_write_ex", optional=True),
-    Uprobe("SSL_write_ex", "on_ssl_return", ret=True, optional=True),
-    Uprobe("SSL_read_ex", "on_ssl_read_ex", optional=True),
-    Uprobe("SSL_read_ex", "on_ssl_return", ret=True, optional=True),
+    Uprobe("SSL_write_ex", "on_ssl_write_ex"),
+    Uprobe("SSL_write_ex", "on_ssl_return", ret=True),
+    Uprobe("SSL_read_ex", "on_ssl_read_ex"),
+    Uprobe("SSL_read_ex", "on_ssl_return", ret=True),
     # The handshake: its records are not counted as turns of the socket, and the socket
     # tells the connection its role. SSL_connect and SSL_accept may not go through
     # SSL_do_handshake's entry point.
@@ -305,8 +303,6 @@ class LoadedPrograms:
     """program -> the tag (pins.variant_tag) of the build loaded last."""
     tls_program: str | None = None
     """The program whose build has the TLS uprobe programs (OPENSSL_PROBES), ready to attach."""
-    tls_attached: int = 0
-    """Libraries the TLS uprobes are attached to."""
     tail_fds: dict[str, int] = field(default_factory=dict)
     """tail-called function -> its program fd (the arrays hold their own references)."""
     _pinned_fds: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -351,42 +347,17 @@ class LoadedPrograms:
                 out[h.hook.label] = fn.fd
         # The HTTP/2 walkers and the TLS uprobes: what recognising those protocols costs.
         out.update(self.tail_fds)
-        tls = self.objects.get(self.tls_program or "")
-        if tls is not None and self.tls_attached:
+        tls = self.tls_object()
+        if tls is not None:
             for name in UPROBE_FUNCTIONS:
                 fn = tls.funcs.get(name.encode())
                 if fn is not None:
                     out[name] = fn.fd
         return out
 
-    def attach_tls(self, path: str) -> list[str]:
-        """Attach OPENSSL_PROBES to the library at `path` (every process mapping that file
-        runs them); returns the optional symbols it lacks. Raises BpfSyscallError (one
-        line) when a required one is missing, having detached what it attached."""
-        obj = self.objects.get(self.tls_program or "")
-        if obj is None:
-            raise BpfSyscallError("no build with TLS recognition is loaded")
-        name = path.encode()
-        done: list[Uprobe] = []
-        missing: list[str] = []
-        for u in OPENSSL_PROBES:
-            attach = obj.attach_uretprobe if u.ret else obj.attach_uprobe
-            try:
-                with _captured_stderr():
-                    attach(name=name, sym=u.symbol.encode(), fn_name=u.function.encode(), pid=-1)
-            except Exception as e:  # BCC raises bare Exception
-                if u.optional:
-                    if u.symbol not in missing:
-                        missing.append(u.symbol)
-                    continue
-                for d in done:
-                    detach = obj.detach_uretprobe if d.ret else obj.detach_uprobe
-                    with contextlib.suppress(Exception):
-                        detach(name=name, sym=d.symbol.encode())
-                raise BpfSyscallError(f"{u.symbol}: {str(e).strip() or type(e).__name__}") from None
-            done.append(u)
-        self.tls_attached += 1
-        return missing
+    def tls_object(self) -> Any | None:
+        """The BCC object whose uprobe programs TLS libraries get (tls_libs.OpenSslProbes)."""
+        return self.objects.get(self.tls_program or "")
 
     def attached(self, program: str) -> bool:
         return any(h.attached for h in self.hooks if h.program == program)

@@ -304,6 +304,13 @@ HTTP_REQUESTS = MetricSpec(
     "HTTP requests answered, by handler and status code (401: credentials refused), as of the last poll.",
     ("handler", "code"),
 )
+TLS_LIBRARIES = MetricSpec(
+    "podnet_exporter_tls_libraries",
+    Kind.GAUGE,
+    "TLS libraries found in processes (--tls openssl), by state: attached (uprobes in place), failing "
+    "(could not be probed: see the log), dropped (over the limit at the last scan).",
+    ("state",),
+)
 
 SELF_FAMILIES: tuple[MetricSpec, ...] = (
     BUILD_INFO,
@@ -327,6 +334,7 @@ SELF_FAMILIES: tuple[MetricSpec, ...] = (
     METADATA_RELISTS,
     METADATA_ERRORS,
     HTTP_REQUESTS,
+    TLS_LIBRARIES,
 )
 ALL_FAMILIES: tuple[MetricSpec, ...] = POD_FAMILIES + INFO_FAMILIES + SELF_FAMILIES
 

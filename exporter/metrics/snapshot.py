@@ -50,6 +50,8 @@ class ExporterState:
     otlp: tuple[int, int, float] | None = None
     """(exports ok, exports failed, last success unix time) when OTLP is on."""
     retired_dropped: int = 0
+    tls: tuple[int, int, int] | None = None
+    """TLS libraries attached, failing, dropped (--tls openssl); None: TLS off."""
     metadata: tuple[MetadataSourceState, ...] = ()
     http: Mapping[tuple[str, str], int] = field(default_factory=dict)
     """(handler, status code) -> HTTP requests answered."""
@@ -264,6 +266,9 @@ def _self_metrics(acc: _Acc, raw: RawData, state: ExporterState, now: float) -> 
         acc.add(m.OTLP_EXPORTS, ("failed",), failed)
         acc.add(m.OTLP_LAST_SUCCESS, (), last)
     acc.add(m.RETIRED_DROPPED, (), state.retired_dropped)
+    if state.tls is not None:
+        for name, n in zip(("attached", "failing", "dropped"), state.tls, strict=True):
+            acc.add(m.TLS_LIBRARIES, (name,), n)
     for source in state.metadata:
         acc.add(m.METADATA_UP, (source.source,), 1 if source.up else 0)
         acc.add(m.METADATA_LAST_SYNC, (source.source,), source.last_sync)

@@ -13,7 +13,9 @@ import pytest
 from exporter_proc import ExporterProcess
 from hostprobe import refusal_under
 from podsim import SimCluster
+from test_requests import pair
 from test_tcp_metrics import client, finish, full_labels, serve
+from test_tls import assert_counted, exporter_args, py_client, py_server, stop, total_of, until_counted
 
 ONLY_BPF_AND_PERFMON = ["setpriv", "--bounding-set=-all,+bpf,+perfmon"]
 
@@ -53,5 +55,31 @@ def test_runs_with_only_cap_bpf_and_cap_perfmon(
         # connections open before a fresh start: said, and counted, not silent.
         assert s.value("podnet_exporter_errors_total", stage="seed_connections") >= 2
         assert "could not list the connections of" in exp.log_path.read_text(errors="replace")
+    finally:
+        assert exp.stop() == 0, exp.log()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_tls_with_the_charts_capabilities(
+    cluster: SimCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # One exporter with TLS on the host at a time, as on a node: two exporters' uprobes on one
+    # library were seen to miss a process's calls.
+    pods_file = str(tmp_path_factory.mktemp("tlscaps") / "pods.json")
+    # The chart's securityContext with config.tls=openssl: CAP_BPF, CAP_PERFMON (uprobes are
+    # perf events) and CAP_SYS_PTRACE (other processes' maps and /proc/<pid>/root).
+    prefix = ["setpriv", "--bounding-set=-all,+bpf,+perfmon,+sys_ptrace"]
+    c, srv = pair(cluster, pods_file, "tlscaps")
+    exp = ExporterProcess(exporter_args(pods_file), prefix=prefix)
+    try:
+        exp.wait_ready()
+        server, ca = py_server(srv, 8443, tmp_path)
+        try:
+            truth = py_client(c, srv.ip, 8443, ca, 12)
+            s = until_counted(exp, total_of((c, srv), 12, "http"))
+        finally:
+            stop(server)
+        assert_counted(s, c, srv, "http", truth)
+        assert s.value("podnet_exporter_tls_libraries", state="attached") >= 1
     finally:
         assert exp.stop() == 0, exp.log()

@@ -52,6 +52,10 @@ NO_DATA: dict[str, str] = {
     'sum by (stage) (rate(podnet_exporter_errors_total{cluster=~"$cluster"}[$__rate_interval]))': (
         "the exporter creates a stage's error counter on its first error; this run has none (asserted)"
     ),
+    'sum by (grpc_status) (rate(podnet_requests_total{cluster=~"$cluster", namespace=~"$namespace", '
+    'workload=~"$workload", pod=~"$pod", protocol="grpc"}[$__rate_interval]))': (
+        "no gRPC traffic in this test (gRPC is counted in test_http2.py and test_h2_frames.py)"
+    ),
 }
 
 HTTP_SERVER = r"""

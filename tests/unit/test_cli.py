@@ -146,6 +146,8 @@ def test_bad_config_file_from_environment(files: dict[str, Path]) -> None:
         ("PODNET_POLL_INTERVAL", "-5"),
         ("PODNET_LISTEN", "nonsense"),
         ("PODNET_HISTOGRAM_SCALE", "7"),
+        ("PODNET_REQUESTS", "http3"),
+        ("PODNET_TLS", "gnutls"),
     ],
 )
 def test_bad_environment(var: str, value: str) -> None:
@@ -173,6 +175,22 @@ def test_pods_file_error_with_default_log_level(files: dict[str, Path]) -> None:
     path = str(files["pod_not_list"])
     proc = cli("run", "--pods-file", path)
     assert_one_error_line(proc, "pods file", path, "'List' or 'PodList'")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        (("--tls", "openssl", "--requests", "turns"), {}, ("--tls openssl needs", "--requests is 'turns'")),
+        ((), {"PODNET_TLS": "openssl", "PODNET_REQUESTS": "off"}, ("PODNET_REQUESTS is 'off'", "PODNET_TLS")),
+    ],
+)
+def test_tls_without_http_requests_is_one_line(
+    args: tuple[str, ...], env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    proc = cli("run", *args, env=clean_env(**env))
+    line = assert_one_error_line(proc, *names)
+    assert line.endswith("set requests to http, or tls to off")
+    assert proc.returncode == 2
 
 
 def test_config_errors_exit_2() -> None:
@@ -205,6 +223,8 @@ README_FLAGS = [
     "--log-level",
     "--map-entries",
     "--histogram-scale",
+    "--requests",
+    "--tls",
     "--cluster-name",
     "--otlp-endpoint",
     "--otlp-protocol",

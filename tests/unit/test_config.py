@@ -117,7 +117,7 @@ def test_every_flag(pods_file: Path, tmp_path: Path) -> None:
         *("--otlp-endpoint", "https://collector:4318/v1/metrics", "--otlp-protocol", "http/protobuf"),
         *("--otlp-interval", "15", "--otlp-headers", "Authorization=Bearer x==,X-Tenant=a%2Cb"),
         *("--otlp-timeout", "3", "--otlp-insecure", "--otlp-histogram", "explicit"),
-        *("--otlp-temporality", "delta"),
+        *("--otlp-temporality", "delta", "--requests", "http1", "--tls", "openssl"),
     )
     assert config == Config(
         listen_host="127.0.0.1",
@@ -145,6 +145,8 @@ def test_every_flag(pods_file: Path, tmp_path: Path) -> None:
             resource_attributes=(),
         ),
         config_file=None,
+        requests="http1",
+        tls="openssl",
     )
 
 
@@ -161,6 +163,8 @@ max_series: 20000
 map_entries: 131072
 histogram_scale: 1
 cluster_name: staging
+requests: http1
+tls: openssl
 otlp:
   endpoint: otel-collector.monitoring:4317
   protocol: grpc
@@ -200,6 +204,8 @@ otlp:
             resource_attributes=(),
         ),
         config_file=str(path),
+        requests="http1",
+        tls="openssl",
     )
 
 
@@ -348,6 +354,11 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("otlp_histogram", "linear", "must be one of exponential, explicit"),
     ("otlp_temporality", "lowmemory", "must be one of cumulative, delta"),
     ("otlp_temporality", "sometimes", "must be one of cumulative, delta"),
+    ("requests", "http2", "must be http, http1, turns or off"),
+    ("requests", "peek", "must be http, http1, turns or off"),
+    ("tls", "maybe", "must be off or openssl"),
+    ("tls", "boringssl", "must be off or openssl"),
+    ("tls", "", "must be off or openssl"),
 ]
 
 
@@ -464,6 +475,8 @@ PRECEDENCE: list[tuple[str, Raw, Raw, Raw, object, Callable[[Config], object]]] 
     ("otlp_timeout", ("1", 1.0), ("2", 2.0), (3, 3.0), 10.0, lambda c: otlp_of(c).timeout),
     ("otlp_protocol", ("grpc", "grpc"), ("http/protobuf", "http/protobuf"), ("grpc", "grpc"), "grpc",
      lambda c: otlp_of(c).protocol),
+    ("requests", ("http1", "http1"), ("turns", "turns"), (False, "off"), "http", lambda c: c.requests),
+    ("tls", ("openssl", "openssl"), ("off", "off"), (True, "openssl"), "off", lambda c: c.tls),
 ]  # fmt: skip
 
 
@@ -884,6 +897,8 @@ def test_bpf_source(argv: list[str], preprocessed: bool) -> None:
 
 ENV_NAMES = [
     "PODNET_LISTEN",
+    "PODNET_REQUESTS",
+    "PODNET_TLS",
     "PODNET_POLL_INTERVAL",
     "PODNET_NODE_NAME",
     "PODNET_LOG_LEVEL",
@@ -914,7 +929,8 @@ ENV_NAMES = [
 # Near-valid values reach the later checks that purely random text never gets past.
 PLAUSIBLE = st.sampled_from(
     ["", "0", "1", "5", "-1", "1e3", "nan", "true", "grpc", "http/protobuf", "delta", "lowmemory", "gzip",
-     "a=b", "a=%0A", "c:4317", "http://c:4318", "https://[::1]:1/x", "[::1]:0", "0.0.0.0:9436", "info"]
+     "a=b", "a=%0A", "c:4317", "http://c:4318", "https://[::1]:1/x", "[::1]:0", "0.0.0.0:9436", "info",
+     "http1", "turns", "off", "openssl"]
 )  # fmt: skip
 TEXT = st.one_of(st.text(), PLAUSIBLE, st.from_regex(r"\[?[0-9a-f:.]{0,12}\]?:[0-9]{0,6}", fullmatch=True))
 
@@ -948,6 +964,9 @@ def test_resolve_returns_config_or_raises_config_error(
         ((), {}, "requests: true\n", "http"),
         ((), {}, "requests: turns\n", "turns"),
         (("--requests", "http"), {"PODNET_REQUESTS": "off"}, None, "http"),
+        (("--requests", "HTTP1"), {}, None, "http1"),
+        ((), {"PODNET_REQUESTS": " http1 "}, None, "http1"),
+        ((), {}, "requests: http1\n", "http1"),
     ],
 )
 def test_requests_sources(
@@ -962,7 +981,102 @@ def test_bad_requests_mode_is_one_line(value: str) -> None:
     message = error_of(env={"PODNET_REQUESTS": value}) if value else error_of("--requests", "2")
     assert_one_line(message)
     assert "PODNET_REQUESTS" in message or "--requests" in message
-    assert "must be http, turns or off" in message
+    assert "must be http, http1, turns or off" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "file", "expected"),
+    [
+        ((), {}, None, "off"),
+        (("--tls", "openssl"), {}, None, "openssl"),
+        (("--tls", " OpenSSL "), {}, None, "openssl"),
+        (("--tls", "off"), {}, None, "off"),
+        ((), {"PODNET_TLS": "openssl"}, None, "openssl"),
+        ((), {"PODNET_TLS": "true"}, None, "openssl"),
+        ((), {"PODNET_TLS": "no"}, None, "off"),
+        ((), {"PODNET_TLS": ""}, None, "off"),  # empty: unset
+        ((), {}, "tls: openssl\n", "openssl"),
+        ((), {}, "tls: true\n", "openssl"),
+        ((), {}, "tls: false\n", "off"),
+        ((), {}, "tls: off\n", "off"),  # YAML 1.1 reads an unquoted off as false
+        ((), {}, "tls:\n", "off"),
+        (("--tls", "off"), {"PODNET_TLS": "openssl"}, "tls: openssl\n", "off"),
+        ((), {"PODNET_TLS": "off"}, "tls: openssl\n", "off"),
+        (("--tls", "openssl", "--requests", "http1"), {}, None, "openssl"),
+        ((), {"PODNET_TLS": "openssl", "PODNET_REQUESTS": "http"}, None, "openssl"),
+    ],
+)
+def test_tls_sources(
+    write_config: WriteConfig, argv: tuple[str, ...], env: dict[str, str], file: str | None, expected: str
+) -> None:
+    extra = ("--config", str(write_config(file))) if file else ()
+    assert run(*argv, *extra, env=env).tls == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "file", "names"),
+    [
+        (("--tls", "openssl", "--requests", "turns"), {}, None, ("--requests is 'turns'", "--tls is")),
+        (("--tls", "openssl", "--requests", "off"), {}, None, ("--requests is 'off'",)),
+        (("--tls", "openssl"), {"PODNET_REQUESTS": "false"}, None, ("PODNET_REQUESTS is 'off'",)),
+        ((), {"PODNET_TLS": "true", "PODNET_REQUESTS": "turns"}, None, ("PODNET_TLS is 'openssl'",)),
+        ((), {}, "tls: openssl\nrequests: turns\n", ("key requests is 'turns'", "key tls is 'openssl'")),
+        (("--requests", "off"), {}, "tls: true\n", ("--requests is 'off'", "key tls is 'openssl'")),
+    ],
+)
+def test_tls_needs_http_requests(
+    write_config: WriteConfig,
+    argv: tuple[str, ...],
+    env: dict[str, str],
+    file: str | None,
+    names: tuple[str, ...],
+) -> None:
+    extra = ("--config", str(write_config(file))) if file else ()
+    message = error_of(*argv, *extra, env=env)
+    assert message.startswith("--tls openssl needs --requests http or http1"), message
+    assert message.endswith("set requests to http, or tls to off"), message
+    for name in names:
+        assert name in message, (name, message)
+
+
+def test_doctor_takes_tls() -> None:
+    _, namespace = parse_args(["doctor", "--tls", "openssl"])
+    assert resolve(namespace, {}).tls == "openssl"
+    _, namespace = parse_args(["doctor"])
+    assert resolve(namespace, {"PODNET_TLS": "openssl"}).tls == "openssl"
+    assert resolve(namespace, {}).tls == "off"
+
+
+@pytest.mark.parametrize(
+    ("tls", "uprobes", "ptrace", "ok", "says"),
+    [
+        ("off", True, False, True, "--tls off: TLS connections count as turns; uprobes available"),
+        ("off", False, False, True, "no uprobes in this kernel"),
+        ("openssl", True, True, True, "CAP_SYS_PTRACE present"),
+        ("openssl", True, False, False, "no CAP_SYS_PTRACE"),
+        ("openssl", False, True, False, "this kernel has no uprobes"),
+    ],
+)
+def test_doctor_tls_check(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tls: str,
+    uprobes: bool,
+    ptrace: bool,
+    ok: bool,
+    says: str,
+) -> None:
+    from exporter.app import doctor
+
+    pmu = tmp_path / "uprobe"
+    if uprobes:
+        pmu.mkdir()
+    monkeypatch.setattr(doctor, "UPROBE_PATHS", (str(pmu), str(tmp_path / "uprobe_events")))
+    monkeypatch.setattr(doctor, "_caps", lambda: (1 << doctor.CAP_SYS_PTRACE) if ptrace else 0)
+    check = doctor.check_tls(tls)
+    assert (check.name, check.ok, check.required) == ("TLS", ok, False)
+    assert says in check.detail
+    assert bool(check.fix) == (not ok)
 
 
 SECRET = "s3cr3tTOKEN"

@@ -289,8 +289,31 @@ def test_request_panels(dashboard: dict[str, Any]) -> None:
     assert len(rows) == 1 and not rows[0]["collapsed"]
     exprs = [t["expr"] for _, t in targets(dashboard) if "podnet_request" in t["expr"]]
     assert any("sum by (" in e and "role" in e and "podnet_requests_total" in e for e in exprs)
+    # HTTP status panels cover HTTP/1.x and HTTP/2; gRPC has its own status (grpc_status).
     ratio = [e for e in exprs if 'status_class=~"5xx"' in e]
-    assert len(ratio) == 1 and ratio[0].count('protocol="http"') == 3, ratio
+    assert len(ratio) == 1 and ratio[0].count('protocol=~"http|http2"') == 3, ratio
+    assert not any('protocol="http"' in e for e in exprs), exprs
+    # Every request query aggregates to the labels it shows, so grpc_status splits no panel's series.
+    for e in exprs:
+        if "podnet_requests_total" in e:
+            assert "sum by (" in e, e
+
+
+def test_workload_request_panels_by_protocol_and_grpc_status() -> None:
+    workload = load(DASHBOARD_DIR / "podnet-workload.json")
+    panels = {p["title"]: p for p in all_panels(workload)}
+    by_protocol = panels["Requests by protocol"]["targets"][0]["expr"]
+    assert by_protocol.startswith("sum by (protocol) (rate(podnet_requests_total{"), by_protocol
+    assert 'workload=~"$workload"' in by_protocol and "protocol=" not in by_protocol
+    grpc = panels["gRPC requests by status"]["targets"][0]["expr"]
+    assert grpc.startswith("sum by (grpc_status) (rate(podnet_requests_total{"), grpc
+    assert 'workload=~"$workload"' in grpc and 'protocol="grpc"' in grpc
+    assert panels["gRPC requests by status"]["targets"][0]["legendFormat"] == "{{grpc_status}}"
+    # Both sit in the Requests row (the last row, not collapsed).
+    rows = [p for p in workload["panels"] if p["type"] == "row"]
+    assert rows[-1]["title"] == "Requests"
+    for title in ("Requests by protocol", "gRPC requests by status"):
+        assert panels[title]["gridPos"]["y"] > rows[-1]["gridPos"]["y"]
 
 
 def test_overview_has_exporter_health_and_flow_table() -> None:

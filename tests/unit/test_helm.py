@@ -90,6 +90,8 @@ WEB_MODES: dict[str, dict[str, Any]] = {
     "prometheus-rule": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
 }
 WEB_CONFIG_SECRET = f"{FULLNAME}-web-config"
+# TLS plaintext through uprobes on OpenSSL (--tls openssl): the one setting that widens the pod's privileges.
+TLS_CAPTURE: dict[str, Any] = {"config": {"tls": "openssl"}}
 # Values earlier chart versions had, now removed: the schema keeps an entry for each that accepts no
 # value, so setting one fails with a sentence saying what to do. Value -> host path it used to mount.
 REMOVED_VALUES = {"hostPaths.libModules": "/lib/modules", "hostPaths.usrSrc": "/usr/src"}
@@ -270,7 +272,16 @@ def test_schema_and_values_list_the_same_keys(chart: helm.Chart) -> None:
         ({"config": {"histogramScale": 3}}, "at '/config/histogramScale': value must be one of 0, 1, 2"),
         ({"config": {"mapEntries": 100}}, "at '/config/mapEntries': minimum"),
         ({"config": {"logLevel": "verbose"}}, "at '/config/logLevel'"),
-        ({"config": {"requests": "peek"}}, "at '/config/requests': value must be one of 'http', 'turns'"),
+        (
+            {"config": {"requests": "peek"}},
+            "at '/config/requests': value must be one of 'http', 'http1', 'turns', 'off', true, false",
+        ),
+        (
+            {"config": {"tls": "boringssl"}},
+            "at '/config/tls': value must be one of 'off', 'openssl', true, false",
+        ),
+        ({"config": {"tls": "on"}}, "at '/config/tls': value must be one of 'off', 'openssl'"),
+        ({"config": {"tls": 1}}, "at '/config/tls'"),
         ({"config": {"cgroupRoot": "sys/fs/cgroup"}}, "at '/config/cgroupRoot'"),
         ({"config": {"kernelHeaders": "usr/src/linux"}}, "at '/config/kernelHeaders'"),
         ({"image": {"pullPolicy": "always"}}, "at '/image/pullPolicy'"),
@@ -356,6 +367,15 @@ def test_schema_rejects_bad_values_clearly(chart: helm.Chart, values: dict[str, 
             {"prometheusRule": {"enabled": True}},
             "prometheusRule.enabled needs prometheusRule.selector when neither serviceMonitor nor podMonitor",
         ),
+        (
+            {"config": {"tls": "openssl", "requests": "turns"}},
+            "config.tls=openssl needs config.requests http or http1, not turns: the decrypted payloads are "
+            "read only to recognise HTTP; set config.requests=http, or config.tls=off",
+        ),
+        (
+            {"config": {"tls": True, "requests": False}},
+            "config.tls=openssl needs config.requests http or http1, not off",
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_message(
@@ -370,8 +390,8 @@ def test_contradictory_values_fail_with_a_message(
 
 @pytest.mark.parametrize(
     "values",
-    [None, EVERYTHING_ON, {"podMonitor": {"enabled": True}}, *WEB_MODES.values()],
-    ids=["defaults", "everything-on", "podmonitor", *WEB_MODES],
+    [None, EVERYTHING_ON, {"podMonitor": {"enabled": True}}, TLS_CAPTURE, *WEB_MODES.values()],
+    ids=["defaults", "everything-on", "podmonitor", "tls-openssl", *WEB_MODES],
 )
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
 def test_objects_validate_against_the_kubernetes_schema(
@@ -450,6 +470,7 @@ def test_security_context_is_least_privilege(chart: helm.Chart) -> None:
         "add": ["BPF", "PERFMON"],
     }
     assert "SYS_ADMIN" not in json.dumps(r.objects)
+    assert "SYS_PTRACE" not in json.dumps(r.objects)
     assert r.pod["hostPID"] is False and r.pod["hostIPC"] is False
     assert r.pod["hostNetwork"] is True and r.pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     pod_net = render(chart, {"hostNetwork": False}).pod
@@ -457,6 +478,54 @@ def test_security_context_is_least_privilege(chart: helm.Chart) -> None:
     # The escape hatch for kernels older than 5.8 or runtimes that do not know CAP_BPF.
     hatch = render(chart, {"securityContext": {"privileged": True}}).container["securityContext"]
     assert hatch["privileged"] is True
+
+
+@pytest.mark.parametrize(
+    ("values", "capture"),
+    [
+        (None, False),
+        ({"config": {"tls": "off"}}, False),
+        ({"config": {"tls": False}}, False),
+        (TLS_CAPTURE, True),
+        ({"config": {"tls": True}}, True),
+        ({"config": {"tls": "openssl", "requests": "http1"}}, True),
+    ],
+    ids=["default", "off", "false", "openssl", "true", "openssl-http1"],
+)
+def test_tls_capture_adds_host_pid_and_sys_ptrace_only(
+    chart: helm.Chart, values: dict[str, Any] | None, capture: bool
+) -> None:
+    # Finding libssl in other containers reads /proc/<pid>/maps and /proc/<pid>/root of the host's
+    # processes: the host PID namespace and a ptrace access check.
+    r = render(chart, values)
+    assert r.pod["hostPID"] is capture and r.pod["hostIPC"] is False
+    sc = r.container["securityContext"]
+    added = ["BPF", "PERFMON", "SYS_PTRACE"] if capture else ["BPF", "PERFMON"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": added}
+    assert (sc["privileged"], sc["allowPrivilegeEscalation"], sc["readOnlyRootFilesystem"]) == (
+        False,
+        False,
+        True,
+    )
+    assert "SYS_ADMIN" not in json.dumps(r.objects)
+    assert ("hostPID and SYS_PTRACE" in r.notes) is capture
+
+
+def test_tls_capture_keeps_the_users_capabilities(chart: helm.Chart) -> None:
+    # SYS_PTRACE is added once, after what the user lists; the values themselves are not changed.
+    sc = {"capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_RESOURCE"]}}
+    r = render(chart, {**TLS_CAPTURE, "securityContext": sc})
+    assert r.container["securityContext"]["capabilities"]["add"] == [
+        "BPF",
+        "PERFMON",
+        "SYS_RESOURCE",
+        "SYS_PTRACE",
+    ]
+    listed = {"capabilities": {"add": ["BPF", "PERFMON", "SYS_PTRACE"]}}
+    again = render(chart, {**TLS_CAPTURE, "securityContext": listed}).container["securityContext"]
+    assert again["capabilities"]["add"] == ["BPF", "PERFMON", "SYS_PTRACE"]
+    # The checksum that rolls the pods follows the config, which carries the setting.
+    assert render(chart).pod_annotations["checksum/config"] != r.pod_annotations["checksum/config"]
 
 
 def test_mounts_are_read_only_except_tmp(chart: helm.Chart) -> None:
@@ -668,12 +737,31 @@ def test_default_config_is_accepted_by_the_exporter(chart: helm.Chart, tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("value", "mode"), [("turns", "turns"), ("off", "off"), (False, "off"), (True, "http"), ("http", "http")]
+    ("value", "mode"),
+    [
+        ("turns", "turns"),
+        ("off", "off"),
+        (False, "off"),
+        (True, "http"),
+        ("http", "http"),
+        ("http1", "http1"),
+    ],
 )
 def test_request_tracking_modes_reach_the_exporter(
     chart: helm.Chart, tmp_path: Path, value: object, mode: str
 ) -> None:
     assert resolved(render(chart, {"config": {"requests": value}}), tmp_path).requests == mode
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("off", "off"), ("openssl", "openssl"), (False, "off"), (True, "openssl"), (None, "off")],
+)
+def test_tls_modes_reach_the_exporter(chart: helm.Chart, tmp_path: Path, value: object, mode: str) -> None:
+    # None: the key deleted (--set config.tls=null) renders the exporter's default.
+    r = render(chart, {"config": {"tls": value}})
+    assert r.exporter_config["tls"] in ("off", "openssl")
+    assert resolved(r, tmp_path).tls == mode
 
 
 def test_settings_reach_the_exporter(chart: helm.Chart, tmp_path: Path) -> None:

@@ -326,6 +326,7 @@ def test_every_sample_matches_its_family() -> None:
         retired_dropped=1,
         metadata=(MetadataSourceState("kubernetes", True, 1.0, 1, 0),),
         http={("metrics", "200"): 3, ("metrics", "401"): 1},
+        tls=(2, 1, 0),
     )
     raw.map_failures = {"m": 1}
     raw.map_entries = {"m": 1}

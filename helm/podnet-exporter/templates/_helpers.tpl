@@ -68,8 +68,40 @@ Use: {{- with include "podnet.annotations" (dict "root" $ "extra" $map) }} annot
 {{/* Mount point of the host's cgroup hierarchy. */}}
 {{- define "podnet.hostCgroupDir" -}}/host/sys/fs/cgroup{{- end -}}
 
+{{/* config.requests as the exporter spells it: true / false, the values of earlier chart
+versions, mean http / off. */}}
+{{- define "podnet.requests" -}}
+{{- $r := .Values.config.requests -}}
+{{- if kindIs "bool" $r }}{{ ternary "http" "off" $r }}{{ else }}{{ default "http" $r }}{{ end -}}
+{{- end -}}
+
+{{/* config.tls as the exporter spells it (true / false mean openssl / off). */}}
+{{- define "podnet.tlsCapture" -}}
+{{- $t := .Values.config.tls -}}
+{{- if kindIs "bool" $t }}{{ ternary "openssl" "off" $t }}{{ else }}{{ default "off" $t }}{{ end -}}
+{{- end -}}
+
+{{/* The container's securityContext (YAML, empty when none): securityContext, plus SYS_PTRACE
+with config.tls=openssl (finding libssl in other containers through /proc/<pid>/maps and
+/proc/<pid>/root is a ptrace access check). */}}
+{{- define "podnet.securityContext" -}}
+{{- $sc := deepCopy (default (dict) .Values.securityContext) -}}
+{{- if eq (include "podnet.tlsCapture" .) "openssl" -}}
+{{- $caps := default (dict) $sc.capabilities -}}
+{{- $add := default (list) $caps.add -}}
+{{- if not (has "SYS_PTRACE" $add) -}}
+{{- $_ := set $caps "add" (append $add "SYS_PTRACE") -}}
+{{- end -}}
+{{- $_ := set $sc "capabilities" $caps -}}
+{{- end -}}
+{{- with $sc }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
 {{/* Fail early on combinations the schema cannot express. */}}
 {{- define "podnet.validate" -}}
+{{- if and (eq (include "podnet.tlsCapture" .) "openssl") (has (include "podnet.requests" .) (list "turns" "off")) -}}
+{{- fail (printf "config.tls=openssl needs config.requests http or http1, not %s: the decrypted payloads are read only to recognise HTTP; set config.requests=http, or config.tls=off" (include "podnet.requests" .)) -}}
+{{- end -}}
 {{- if and .Values.serviceMonitor.enabled .Values.podMonitor.enabled -}}
 {{- fail "serviceMonitor.enabled and podMonitor.enabled are both true: each exporter would be scraped twice and every dashboard sum doubled; enable only one" -}}
 {{- end -}}

@@ -1,0 +1,191 @@
+"""Requests inside TLS (OpenSSL uprobes, `--tls openssl`) on the real kernel, against the real
+exporter. Ground truth comes from the programs at either end: nginx's access log (HTTP/1.1 and
+HTTP/2 over TLS, curl as the client) and a Python ssl client's own count of the responses it
+read (SSL_read_ex / SSL_write_ex). Each request must be counted once per role, as http or
+http2, and never as protocol "other" (the TLS bytes seen by the TCP programs).
+
+The exporter finds libssl by scanning /proc periodically: servers started after it are found
+at a later scan, so the counters are polled (until_counted) rather than read once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from exporter_proc import ExporterProcess, Scrape
+from h2_servers import Served, counts
+from podsim import SimCluster, SimPod, ready_path, wait_for_file
+from test_requests import REQ, of, pair
+from tls_servers import SCRIPT, TlsNginx, certs_for, client_plan, curl_tls
+
+TLS_ARGS = ["--tls", "openssl"]
+WAIT = 30.0  # s: several rescans of /proc
+
+
+def exporter_args(pods_file: str) -> list[str]:
+    return ["--pods-file", pods_file, "--poll-interval", "0.3", *TLS_ARGS]
+
+
+@pytest.fixture(scope="module")
+def tls_exporter(pods_file: str) -> Iterator[ExporterProcess]:
+    """The exporter with OpenSSL probes, one for the module (started before the servers)."""
+    proc = ExporterProcess(exporter_args(pods_file))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+def seen(s: Scrape, pod: SimPod) -> str:
+    rows = []
+    for labels in s.series(REQ, **of(pod)):
+        keys = ("role", "protocol", "method", "status_class")
+        rows.append(" ".join(f"{k}={labels.get(k, '-')}" for k in keys) + f" -> {s.value(REQ, **labels):g}")
+    return "\n" + "\n".join(sorted(rows))
+
+
+def until_counted(exp: ExporterProcess, done: Callable[[Scrape], bool], timeout: float = WAIT) -> Scrape:
+    """Fresh scrapes until `done` holds (the rescan has found the library) or `timeout` passes;
+    the last scrape either way, for the assertions to explain."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = exp.fresh_scrape()
+        if done(s) or time.monotonic() > deadline:
+            return s
+        time.sleep(1)
+
+
+def assert_counted(
+    s: Scrape, client: SimPod, server: SimPod, protocol: str, truth: Counter[tuple[str, str]]
+) -> None:
+    """On both ends: per (method, status class) the requests equal the ground truth, all of
+    `protocol`, and nothing else (no "other", no double count)."""
+    total = sum(truth.values())
+    for pod, role in ((server, "server"), (client, "client")):
+        for (method, cls), n in truth.items():
+            labels = of(pod, role=role, protocol=protocol, method=method, status_class=cls)
+            assert s.value(REQ, **labels) == n, (role, method, cls, seen(s, pod))
+        assert s.value(REQ, **of(pod, role=role, protocol="other")) == 0, (role, seen(s, pod))
+        assert s.value(REQ, **of(pod, role=role)) == total, (role, seen(s, pod))
+
+
+def total_of(pods: tuple[SimPod, SimPod], n: int, protocol: str) -> Callable[[Scrape], bool]:
+    """Both ends have counted `n` requests of `protocol` (not "other": the plaintext ones)."""
+    return lambda s: all(s.value(REQ, **of(p, protocol=protocol)) >= n for p in pods)
+
+
+# --- nginx + curl -------------------------------------------------------------------------------
+
+
+def nginx_truth(served: list[Served], protocol: str) -> Counter[tuple[str, str]]:
+    assert {x.protocol for x in served} == {protocol}, served
+    assert len({x.connection for x in served}) == 1, "curl used one connection"
+    return counts(served)
+
+
+@pytest.mark.parametrize(
+    ("http2", "protocol", "logged"), [(False, "http", "HTTP/1.1"), (True, "http2", "HTTP/2.0")]
+)
+def test_curl_nginx_over_tls(
+    cluster: SimCluster,
+    tls_exporter: ExporterProcess,
+    pods_file: str,
+    tmp_path: Path,
+    http2: bool,
+    protocol: str,
+    logged: str,
+) -> None:
+    c, srv = pair(cluster, pods_file, "tlsh2" if http2 else "tlsh1")
+    ca, leaf = certs_for(tmp_path, srv.ip)
+    port = 8443 if http2 else 9443
+    urls = [
+        f"https://{srv.ip}:{port}{p}?i={i}"
+        for i in range(4)
+        for p in ("/ok", "/missing", "/boom", "/created")
+    ]
+    with TlsNginx(srv, 9443, 8443, leaf) as nginx:
+        got = curl_tls(c, ca, urls, http2=http2)
+        nginx.stop()
+        served = nginx.served()
+    assert {v for v, _ in got} == {"2" if http2 else "1.1"}
+    assert Counter(code for _, code in got) == Counter(x.status for x in served)  # type: ignore[attr-defined]
+    truth = nginx_truth(served, logged)  # type: ignore[arg-type]
+    assert truth == {("GET", "2xx"): 8, ("GET", "4xx"): 4, ("GET", "5xx"): 4}
+    s = until_counted(tls_exporter, total_of((c, srv), len(urls), protocol))
+    assert_counted(s, c, srv, protocol, truth)
+
+
+# --- Python ssl ---------------------------------------------------------------------------------
+
+
+def py_server(pod: SimPod, port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    ca, leaf = certs_for(tmp, pod.ip)
+    ready = ready_path()
+    p = pod.popen(
+        [sys.executable, SCRIPT, "server", "--port", str(port), "--cert", str(leaf.cert),
+         "--key", str(leaf.key), "--ready-file", ready],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    wait_for_file(ready, proc=p)
+    return p, ca.cert
+
+
+def py_client(pod: SimPod, host: str, port: int, ca: Path, n: int) -> Counter[tuple[str, str]]:
+    r = pod.run(
+        [sys.executable, SCRIPT, "client", "--host", host, "--port", str(port), "--ca", str(ca),
+         "--requests", str(n)],
+        timeout=120,
+    )  # fmt: skip
+    out = json.loads(r.stdout)
+    assert out["connections"] == 1, out  # keep-alive: every request on one connection
+    got = Counter({tuple(k.split()): v for k, v in out["counts"].items()})
+    want = Counter(
+        (m, f"{ {'/ok': 2, '/created': 2, '/missing': 4, '/boom': 5}[p] }xx") for m, p in client_plan(n)
+    )
+    assert got == want, (got, want)
+    return got  # type: ignore[return-value]
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    p.kill()
+    p.communicate()
+
+
+def test_python_ssl_server_started_after_the_exporter(
+    cluster: SimCluster, tls_exporter: ExporterProcess, pods_file: str, tmp_path: Path
+) -> None:
+    c, srv = pair(cluster, pods_file, "tlspya")
+    server, ca = py_server(srv, 8443, tmp_path)
+    try:
+        truth = py_client(c, srv.ip, 8443, ca, 40)
+        s = until_counted(tls_exporter, total_of((c, srv), 40, "http"))
+    finally:
+        stop(server)
+    assert_counted(s, c, srv, "http", truth)
+
+
+def test_python_ssl_server_started_before_the_exporter(
+    cluster: SimCluster, pods_file: str, tmp_path: Path
+) -> None:
+    """The server (and its libssl) exists when the exporter starts: found by the first scan."""
+    c, srv = pair(cluster, pods_file, "tlspyb")
+    server, ca = py_server(srv, 8443, tmp_path)
+    exp = ExporterProcess(exporter_args(pods_file))
+    try:
+        exp.wait_ready()
+        # The client starts a new process (its own libssl mapping of the same file).
+        truth = py_client(c, srv.ip, 8443, ca, 30)
+        s = until_counted(exp, total_of((c, srv), 30, "http"))
+        assert_counted(s, c, srv, "http", truth)
+    finally:
+        stop(server)
+        assert exp.stop() == 0, exp.log()

@@ -509,6 +509,12 @@ def test_tls_capture_adds_host_pid_and_sys_ptrace_only(
     )
     assert "SYS_ADMIN" not in json.dumps(r.objects)
     assert ("hostPID and SYS_PTRACE" in r.notes) is capture
+    # Without CAP_SYS_ADMIN uprobes are made in the host's tracefs (uprobe_events).
+    mounts = {m["name"]: m["mountPath"] for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in r.pod["volumes"]}
+    assert (mounts.get("tracefs"), volumes.get("tracefs")) == (
+        ("/sys/kernel/tracing", "/sys/kernel/tracing") if capture else (None, None)
+    )
 
 
 def test_tls_capture_keeps_the_users_capabilities(chart: helm.Chart) -> None:

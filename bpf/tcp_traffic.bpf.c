@@ -253,8 +253,14 @@ static __always_inline void podnet_h2_stream_event(struct podnet_h2_cursor *c, s
             podnet_count_failure(PODNET_MAPID_H2_STREAMS);
         return;
     }
-    if (!st)
-        return;         /* a stream opened before podnet saw the connection */
+    if (!st) {
+        /* Every HTTP/2 connection is followed from its preface: a response (it has a
+         * :status; trailers have none) to a client stream (odd) podnet does not know had its
+         * entry evicted from h2_streams_open (LRU), and goes uncounted. */
+        if (e->status && (e->stream & 1))
+            podnet_count_failure(PODNET_MAPID_H2_STREAMS);
+        return;
+    }
     if (e->grpc)
         st->grpc = 1;
     if (!st->responded) {

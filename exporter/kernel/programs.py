@@ -261,6 +261,11 @@ class MapSizes:
             # socket that finds no free slot is counted in the flow map instead.
             f"-DPODNET_SOCK_SLOTS={self.cgroups}",
             f"-DPODNET_HIST_ENTRIES={self.cgroups * 8}",
+            # HTTP/2 parser state (~1 KiB a direction, LRU: preallocated) and open streams, and
+            # TLS connections: 8 MiB, 1.6 MiB and 3.75 MiB at the default 65536.
+            f"-DPODNET_H2_CONNS={max(self.cgroups // 8, 64)}",
+            f"-DPODNET_H2_STREAMS={max(self.cgroups // 4, 128)}",
+            f"-DPODNET_TLS_CONNS={max(self.cgroups // 4, 128)}",
         ]
 
 

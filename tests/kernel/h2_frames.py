@@ -5,7 +5,7 @@ split across iovecs and syscalls, PADDED and PRIORITY HEADERS, CONTINUATION, lit
 Huffman-coded statuses, informational responses, resets, and gRPC fields referenced
 through the dynamic table.
 
-    h2_frames.py SCENARIO WRITE READ PORT
+    h2_frames.py SCENARIO WRITE READ PORT [CONNECTIONS]
 
 WRITE: whole (one send per side and turn), iovecs (one sendmsg of 1-3 byte iovecs),
 bytes (one send per byte). READ: whole, iovecs (recvmsg into 1-3 byte buffers), bytes.
@@ -199,9 +199,38 @@ def read(sock: socket.socket, n: int, how: str, preface: bool = False) -> bytes:
     return bytes(got)
 
 
+def many(sc: Scenario, port: int, n: int) -> None:
+    """n connections at once, in two rounds: every request of a round is sent before any
+    response, so every connection's parser state is needed at the same time, and again."""
+    listener = socket.create_server(("127.0.0.1", port), backlog=n)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    servers = [listener.accept()[0] for _ in range(n)]
+    again = Scenario(
+        frame(HEADERS, END_STREAM | END_HEADERS, 7, GET + SCHEME_HTTP + PATH_ROOT),
+        frame(HEADERS, END_STREAM | END_HEADERS, 7, S200),
+        [("GET", "2xx", "http2", "")],
+    )
+    for i, round_ in enumerate((sc, again)):
+        for c in clients:
+            write(c, round_.request, "whole")
+        for s in servers:
+            assert read(s, len(round_.request), "whole", preface=i == 0) == round_.request
+        for s in servers:
+            write(s, round_.response, "whole")
+        for c in clients:
+            assert read(c, len(round_.response), "whole") == round_.response
+    for sock in clients + servers + [listener]:
+        sock.close()
+
+
 def main() -> int:
     name, how_write, how_read, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     sc = SCENARIOS[name]()
+    if len(sys.argv) > 5:
+        n = int(sys.argv[5])
+        many(sc, port, n)
+        print(json.dumps(sc.streams * n))
+        return 0
     listener = socket.create_server(("127.0.0.1", port))
     failure: list[BaseException] = []
 

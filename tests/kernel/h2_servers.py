@@ -47,9 +47,19 @@ def status_class(status: int) -> str:
 class Nginx:
     """nginx in `pod`, serving h2c on `port` from a directory of its own (config, logs, pid, temp
     files), in one process (no master, no daemon) so that it stays in the pod's cgroup and dies
-    with it. `stop()` before reading the access log: every request is logged by then."""
+    with it; with a `leaf` certificate also HTTP/1.1 over TLS on `tls_port` and HTTP/2 over TLS
+    (ALPN h2) on `tls_h2_port`. `stop()` before reading the access log: every request is logged
+    by then."""
 
-    def __init__(self, pod: SimPod, port: int) -> None:
+    def __init__(
+        self,
+        pod: SimPod,
+        port: int | None = None,
+        *,
+        leaf: Any = None,
+        tls_port: int | None = None,
+        tls_h2_port: int | None = None,
+    ) -> None:
         self.pod = pod
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="podnet-h2-nginx-")
@@ -67,6 +77,12 @@ class Nginx:
             f"  {kind}_temp_path {self.dir}/{kind}_temp;"
             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         )
+        listens = [f"    listen {port} http2 default_server;"] if port else []
+        if leaf is not None:
+            listens += [f"    ssl_certificate {leaf.cert};", f"    ssl_certificate_key {leaf.key};"]
+            listens += [f"    listen {tls_port} ssl default_server;"] if tls_port else []
+            listens += [f"    listen {tls_h2_port} ssl http2 default_server;"] if tls_h2_port else []
+        listens_text = "\n".join(listens)
         conf = f"""
 daemon off;
 master_process off;
@@ -81,7 +97,7 @@ http {{
   http2_max_concurrent_streams 256;
   keepalive_requests 100000;
   server {{
-    listen {port} http2 default_server;
+{listens_text}
     server_name _;
     root {self.dir}/www;
 {locations}

@@ -17,7 +17,7 @@ from podsim import SimCluster
 from test_programs import free_port, load
 
 from exporter.kernel.btf import Btf
-from exporter.kernel.programs import LoadedPrograms
+from exporter.kernel.programs import LoadedPrograms, MapSizes
 from exporter.metrics.snapshot import request_labels
 
 FRAMES = str(Path(__file__).resolve().parent / "h2_frames.py")
@@ -85,3 +85,30 @@ def test_raw_tracepoint_build_walks_the_same(btf: Btf, cluster: SimCluster) -> N
         converse(raw, cluster, "grpc", "iovecs", "iovecs")
     finally:
         raw.close()
+
+
+def test_parser_state_is_bounded_and_its_losses_counted(btf: Btf, cluster: SimCluster) -> None:
+    # Maps for 512 owners: room for the parser state of 64 connection directions. 50 connections
+    # (100 sockets) all asking before any is answered, twice, need 200: the least recently
+    # used are evicted, a connection whose state is gone counts nothing more, and each loss
+    # is counted, never a wrong number.
+    small = load(btf, sizes=MapSizes(512))
+    try:
+        cg_dir, cg_id = cluster.host_cgroup(f"/system.slice/{cluster.tag}-h2-many.service")
+        argv = [sys.executable, FRAMES, "basic", "whole", "whole", str(free_port()), "50"]
+        p = cluster.cgroup_popen(cg_dir, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+        read = Totals(small).read()
+        counted: Counter[tuple[str, ...]] = Counter()
+        for codes, slots in read.requests.get(cg_id, {}).items():
+            counted[request_labels(*codes)] += sum(n for n, _ in slots.values())
+        assert read.map_failures["h2_conn_dirs"] > 0
+        # What was counted is right: only whole streams, with their own labels.
+        per_connection = Counter(
+            (r, "http2", m, st, g) for m, st, _, g in json.loads(out)[:3] for r in ("server", "client")
+        )
+        assert set(counted) <= set(per_connection)
+        assert 0 < sum(counted.values()) < 50 * 4 * 2, read.map_failures
+    finally:
+        small.close()

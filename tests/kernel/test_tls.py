@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 from exporter_proc import ExporterProcess, Scrape
-from h2_servers import Served, counts
+from h2_servers import Nginx, Served, counts
 from podsim import SimCluster, SimPod, ready_path, wait_for_file
 from test_requests import REQ, of, pair
-from tls_servers import SCRIPT, TlsNginx, certs_for, client_plan, curl_tls
+from tls_servers import SCRIPT, certs_for, client_plan, curl_tls
 
 TLS_ARGS = ["--tls", "openssl"]
 WAIT = 30.0  # s: several rescans of /proc
@@ -111,13 +111,13 @@ def test_curl_nginx_over_tls(
         for i in range(4)
         for p in ("/ok", "/missing", "/boom", "/created")
     ]
-    with TlsNginx(srv, 9443, 8443, leaf) as nginx:
+    with Nginx(srv, leaf=leaf, tls_port=9443, tls_h2_port=8443) as nginx:
         got = curl_tls(c, ca, urls, http2=http2)
         nginx.stop()
         served = nginx.served()
     assert {v for v, _ in got} == {"2" if http2 else "1.1"}
-    assert Counter(code for _, code in got) == Counter(x.status for x in served)  # type: ignore[attr-defined]
-    truth = nginx_truth(served, logged)  # type: ignore[arg-type]
+    assert Counter(code for _, code in got) == Counter(x.status for x in served)
+    truth = nginx_truth(served, logged)
     assert truth == {("GET", "2xx"): 8, ("GET", "4xx"): 4, ("GET", "5xx"): 4}
     s = until_counted(tls_exporter, total_of((c, srv), len(urls), protocol))
     assert_counted(s, c, srv, protocol, truth)

@@ -13,12 +13,8 @@ import http.client
 import http.server
 import json
 import os
-import shutil
-import signal
 import ssl
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +23,6 @@ sys.path.insert(0, str(HERE.parent))  # tests/certs.py, also when run as a scrip
 
 from certs import Pair, make_ca, make_leaf  # noqa: E402
 
-NGINX = "/usr/sbin/nginx"
 CURL = "/usr/bin/curl"
 SCRIPT = str(Path(__file__).resolve())
 PY_PATHS = {"/ok": 200, "/created": 201, "/missing": 404, "/boom": 500}
@@ -40,93 +35,6 @@ def certs_for(directory: Path, ip: str) -> tuple[Pair, Pair]:
     for p in (directory, ca.cert, leaf.cert, leaf.key):
         os.chmod(p, 0o755 if p == directory else 0o644)
     return ca, leaf
-
-
-class TlsNginx:
-    """nginx in `pod`: HTTP/1.1 over TLS on `port`, HTTP/2 over TLS (ALPN h2) on `h2_port`;
-    one process, a directory of its own, the access log as h2_servers.Nginx writes it."""
-
-    def __init__(self, pod: object, port: int, h2_port: int, leaf: Pair) -> None:
-        from h2_servers import LOCATIONS
-        from podsim import wait_for_file
-
-        self.pod = pod
-        self.dir = tempfile.mkdtemp(prefix="podnet-tls-nginx-")
-        os.chmod(self.dir, 0o755)
-        self.access_log = Path(self.dir, "access.log")
-        self.error_log = Path(self.dir, "error.log")
-        pid = Path(self.dir, "nginx.pid")
-        locations = "\n".join(
-            f'    location = {path} {{ return {code} "{path.lstrip("/")}\\n"; }}'
-            if code < 300 or code >= 400
-            else f"    location = {path} {{ return {code} /ok; }}"
-            for path, code in LOCATIONS.items()
-        )
-        temp = "\n".join(
-            f"  {kind}_temp_path {self.dir}/{kind}_temp;"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        conf = f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {pid};
-error_log {self.error_log} info;
-events {{ worker_connections 1024; }}
-http {{
-  log_format podnet '$status $request_method $server_protocol $request_uri $connection $connection_requests';
-  access_log {self.access_log} podnet;
-{temp}
-  keepalive_requests 100000;
-  ssl_certificate {leaf.cert};
-  ssl_certificate_key {leaf.key};
-  server {{
-    listen {port} ssl default_server;
-    listen {h2_port} ssl http2 default_server;
-    server_name _;
-    root {self.dir}/www;
-{locations}
-  }}
-}}
-"""
-        Path(self.dir, "www").mkdir()
-        Path(self.dir, "nginx.conf").write_text(conf)
-        self.proc = pod.popen(  # type: ignore[attr-defined]
-            [NGINX, "-p", self.dir + "/", "-c", f"{self.dir}/nginx.conf", "-e", str(self.error_log)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_for_file(str(pid), proc=self.proc)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def served(self) -> list[object]:
-        from h2_servers import Served
-
-        out = []
-        for line in self.access_log.read_text().splitlines():
-            status, method, protocol, uri, conn, number = line.split()
-            out.append(Served(int(status), method, protocol, uri, int(conn), int(number)))
-        return out
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> TlsNginx:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def curl_tls(pod: object, ca: Pair, urls: list[str], http2: bool) -> list[tuple[str, int]]:

@@ -310,6 +310,8 @@ class LoadedPrograms:
     """The program whose build has the TLS uprobe programs (OPENSSL_PROBES), ready to attach."""
     tail_fds: dict[str, int] = field(default_factory=dict)
     """tail-called function -> its program fd (the arrays hold their own references)."""
+    tail_arrays: list[tuple[str, str]] = field(default_factory=list)
+    """(program, array) of the tail calls filled."""
     _pinned_fds: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def socket_slot_array(self, program: str) -> MappedArray | None:
@@ -393,6 +395,15 @@ class LoadedPrograms:
         """Close everything. Without pins that detaches the programs (the kernel frees
         programs and maps with their last fd); with pins they stay attached and counting
         for the next start, unless `detach`, which removes the pins too."""
+        if detach or self.pins is None:
+            # A walker is in its own array (it tail-calls itself): the kernel breaks that cycle
+            # only later, in a deferred work item; emptying the arrays frees them now.
+            for program, array in self.tail_arrays:
+                with contextlib.suppress(Exception):
+                    table = self.table(program, array)
+                    if table is not None:
+                        table.clear()
+        self.tail_arrays.clear()
         self.close_tp_btf(list(self.tp_btf))
         self.close_tp_btf_links()
         for fd in self._pinned_fds.values():
@@ -535,6 +546,7 @@ def _fill_tail_calls(loaded: LoadedPrograms, btf: Btf, spec: ProgramSpec, obj: A
             os.close(old)
         loaded.tail_fds[tc.label] = fd
         obj.get_table(tc.array.encode())[ct.c_int(0)] = ct.c_int(fd)
+        loaded.tail_arrays.append((spec.name, tc.array))
 
 
 def _load_uprobes(loaded: LoadedPrograms, spec: ProgramSpec, obj: Any, tag: str, adopt: bool) -> None:

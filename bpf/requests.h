@@ -29,6 +29,7 @@
 #define PODNET_HTTP_TRACE 9
 #define PODNET_HTTP_OTHER 10    /* HTTP/2: a method podnet does not decode */
 #define PODNET_HTTP2_PREFACE 0xff   /* not a method: the HTTP/2 connection preface */
+#define PODNET_TLS_RECORD 0xfe      /* not a method: a TLS handshake record (ClientHello) */
 
 /* One map counts requests and their durations: a request's end is one map update. */
 struct podnet_request_key {
@@ -141,6 +142,9 @@ static __always_inline u8 podnet_peek_method(int len, const char *plain)
         return 0;
     if (podnet_is(b, 'G', 'E', 'T', ' '))
         return PODNET_HTTP_GET;
+    /* TLS: a handshake record, version 3.x */
+    if (b[0] == 0x16 && b[1] == 0x03 && b[2] <= 0x04)
+        return PODNET_TLS_RECORD;
     if (podnet_is(b, 'P', 'U', 'T', ' '))
         return PODNET_HTTP_PUT;
     /* "PRI * HTTP/2.0\r\n": the first 16 bytes of the HTTP/2 client connection preface. */

@@ -75,6 +75,7 @@ struct tcp_sock_info {
 #define PODNET_SOCK_H2_RECEIVED 0x10
 #define PODNET_SOCK_TLS 0x20        /* a TLS library's connection: requests come from its plaintext */
 #define PODNET_SOCK_TLS_CHECKED 0x40    /* its first request is over: a TLS library would have shown */
+#define PODNET_SOCK_TLS_RECORDS 0x80    /* it started with a TLS handshake: its library may show later */
 
 #define PODNET_MAPID_REQUEST_HIST 2
 #define PODNET_MAPID_TCP_FLOW_OVERFLOW 3
@@ -715,6 +716,10 @@ static __always_inline void track_turn(struct tcp_sock_info *info, int sent, int
         info->in_request = 1;
         info->turn_start_ns = now;
         info->method = (info->flags & PODNET_SOCK_NOT_HTTP) ? 0 : podnet_peek_method(len, plain);
+        if (info->method == PODNET_TLS_RECORD) {
+            info->flags |= PODNET_SOCK_TLS_RECORDS;
+            info->method = 0;
+        }
         if (info->method == PODNET_HTTP2_PREFACE) {
             /* HTTP/2 from here on: streams, not turns, are its requests. */
             info->flags |= PODNET_SOCK_H2;
@@ -931,7 +936,9 @@ static __always_inline int count_bytes(const void *sk, int ret, int flags, int s
 #ifndef PODNET_NO_REQUESTS
     u64 now = bpf_ktime_get_ns();
 #ifdef PODNET_TLS
-    if (!(info->flags & PODNET_SOCK_TLS_CHECKED) || (info->flags & PODNET_SOCK_TLS))
+    /* Until its first request is over; and on every TLS connection: a library attached
+     * later (a container's own, found at the next scan) takes its connections over then. */
+    if (!(info->flags & PODNET_SOCK_TLS_CHECKED) || (info->flags & (PODNET_SOCK_TLS | PODNET_SOCK_TLS_RECORDS)))
         podnet_tls_claim(sk, info);
     /* A TLS library's connection: its requests are read from the plaintext (uprobes). */
     if (!(info->flags & PODNET_SOCK_TLS))

@@ -26,6 +26,7 @@ from test_requests import REQ, of, pair
 from tls_servers import SCRIPT, certs_for, client_plan, curl_tls
 
 TLS_ARGS = ["--tls", "openssl"]
+LIBS = "podnet_exporter_tls_libraries"
 WAIT = 30.0  # s: several rescans of /proc
 
 
@@ -126,11 +127,13 @@ def test_curl_nginx_over_tls(
 # --- Python ssl ---------------------------------------------------------------------------------
 
 
-def py_server(pod: SimPod, port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def py_server(
+    pod: SimPod, port: int, tmp: Path, wrap: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     ca, leaf = certs_for(tmp, pod.ip)
     ready = ready_path()
     p = pod.popen(
-        [sys.executable, SCRIPT, "server", "--port", str(port), "--cert", str(leaf.cert),
+        [*(wrap or []), sys.executable, SCRIPT, "server", "--port", str(port), "--cert", str(leaf.cert),
          "--key", str(leaf.key), "--ready-file", ready],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -189,3 +192,57 @@ def test_python_ssl_server_started_before_the_exporter(
     finally:
         stop(server)
         assert exp.stop() == 0, exp.log()
+
+
+def test_libssl_only_the_container_can_see(
+    cluster: SimCluster, tls_exporter: ExporterProcess, pods_file: str, tmp_path: Path
+) -> None:
+    """A container's own libssl: the server runs in a mount namespace of its own, with a copy of
+    libssl.so.3 (another inode) on a tmpfs the host does not see at that path. The exporter
+    finds it in the process's maps and reaches it through /proc/<pid>/root."""
+    c, srv = pair(cluster, pods_file, "tlsmnt")
+    lib = tmp_path / "container-lib"
+    lib.mkdir()
+    host_libssl = ssl_library()
+    script = (
+        f'mount -t tmpfs none "{lib}" && cp "{host_libssl}" "{lib}/" && '
+        f'LD_LIBRARY_PATH="{lib}" exec "$0" "$@"'
+    )
+    wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    attached = tls_exporter.fresh_scrape().value(LIBS, state="attached")
+    server, ca = py_server(srv, 8443, tmp_path, wrap=wrap)
+    try:
+        maps = Path(f"/proc/{_python_child(server.pid)}/maps").read_text()
+        assert f"{lib}/libssl.so.3" in maps, "the server maps its own copy"
+        assert not (lib / "libssl.so.3").exists(), "which the host cannot see at that path"
+        # A library of its own is probed from the next scan of /proc on (every 5 s): what its
+        # connections did before is counted by turns.
+        until_counted(tls_exporter, lambda s: s.value(LIBS, state="attached") > attached)
+        truth = py_client(c, srv.ip, 8443, ca, 20)
+        s = until_counted(tls_exporter, total_of((c, srv), 20, "http"))
+    finally:
+        stop(server)
+    assert_counted(s, c, srv, "http", truth)
+
+
+def ssl_library() -> str:
+    """The libssl.so.3 the Python ssl module of this host maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith("/libssl.so.3"):
+            return line.split()[-1]
+    raise AssertionError("this Python has not mapped libssl.so.3")
+
+
+def _python_child(pid: int) -> int:
+    """The Python process under the pod's wrappers (unshare, sh exec into it)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                if "python" in Path(f"/proc/{child}/comm").read_text():
+                    return int(child)
+                return _python_child(int(child))
+        if "python" in Path(f"/proc/{pid}/comm").read_text():
+            return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no Python under {pid}")

@@ -43,13 +43,14 @@ lint: setup-test
 
 bench: setup-test
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v gcc >/dev/null && \
-		command -v h2load >/dev/null || \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk gcc nghttp2-client >/dev/null
+		command -v h2load >/dev/null && command -v openssl >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk gcc nghttp2-client openssl >/dev/null
 	$(PY) bench/tcp_overhead.py --pairs 41 --seconds 1
 	$(PY) bench/tcp_overhead.py --skip-pingpong --wrk 1,2 --pairs 41 --seconds 1 --skip-costs
 	$(PY) bench/tcp_overhead.py --skip-pingpong --pin --wrk 1,8 --pairs 41 --seconds 1 --skip-costs
 	$(PY) bench/event_cost.py
 	$(PY) bench/h2_cost.py
+	$(PY) bench/tls_cost.py
 	$(PY) bench/scale.py
 
 # Regenerate requirements.lock (runtime: make setup, the image) and requirements-test.lock (runtime +

@@ -164,7 +164,10 @@ def _tls_probes(config: Config, programs: LoadedPrograms) -> OpenSslProbes | Non
         return None
     probes = [(u.symbol, u.function, u.ret) for u in OPENSSL_PROBES]
     log.info("--tls openssl: probing OpenSSL (libssl.so.3, .so.1.1) in every process, rescanned every 5 s")
-    return OpenSslProbes(obj, probes)
+    tls = OpenSslProbes(obj, probes)
+    if tls.swept:
+        log.info("--tls openssl: removed %d uprobe definitions a killed exporter left in tracefs", tls.swept)
+    return tls
 
 
 def open_state(

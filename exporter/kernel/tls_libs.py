@@ -409,6 +409,39 @@ def detach_openssl(obj: Any, events: Iterable[bytes]) -> None:
             obj.detach_uprobe_event(ev)
 
 
+# BCC names a uprobe it makes in tracefs after the path, offset and its own pid; ours are
+# made through /proc/self/fd/N (OpenSslProbes._attach).
+_OUR_TRACEFS_EVENT = re.compile(r"^[pr]:uprobes/([pr]__proc_self_fd_\d+_0x[0-9a-f]+_bcc_(\d+)) ")
+
+
+def sweep_stale_uprobe_events(
+    tracefs: str = "/sys/kernel/tracing", alive: Callable[[int], bool] | None = None
+) -> int:
+    """Remove the tracefs uprobe definitions an exporter killed without its clean-up left (they
+    are made there without CAP_SYS_ADMIN): those of dead processes. Returns how many."""
+    is_alive = alive or (lambda pid: os.path.exists(f"/proc/{pid}"))
+    path = os.path.join(tracefs, "uprobe_events")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    stale = [m.group(1) for m in map(_OUR_TRACEFS_EVENT.match, lines) if m and not is_alive(int(m.group(2)))]
+    removed = 0
+    for name in stale:
+        # os.write: Python's append mode seeks to the end first, which tracefs refuses.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, f"-:uprobes/{name}\n".encode())
+            finally:
+                os.close(fd)
+            removed += 1
+        except OSError:
+            continue  # in use, or gone meanwhile
+    return removed
+
+
 class OpenSslProbes:
     """Keeps the uprobes of `probes` ((symbol, BCC function, is_return), programs.OPENSSL_PROBES)
     on every libssl the host's processes map: each refresh() past `interval` seconds scans,
@@ -433,6 +466,7 @@ class OpenSslProbes:
         self._clock = clock
         self._next = clock()
         self.last_scan: ScanStats | None = None
+        self.swept = sweep_stale_uprobe_events()
 
     def refresh(self) -> list[str]:
         """One line per library that could not be probed or released, for the log."""

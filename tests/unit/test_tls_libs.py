@@ -19,6 +19,7 @@ from exporter.kernel.tls_libs import (
     detach_openssl,
     find_libraries,
     libssl_paths,
+    sweep_stale_uprobe_events,
 )
 
 DEB = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
@@ -340,3 +341,22 @@ def test_attach_openssl_file_gone(tmp_path: Path) -> None:
     gone = Library(dev=1, ino=2, path="/x", open_path=str(tmp_path / "nope"), pid=3)
     with pytest.raises(FileNotFoundError, match="is gone"):
         attach_openssl(bpf, gone, PROBES)
+
+
+def test_stale_tracefs_events_of_dead_exporters_are_swept(tmp_path: Path) -> None:
+    events = tmp_path / "uprobe_events"
+    lines = [
+        "p:uprobes/p__proc_self_fd_48_0x35980_bcc_111 /proc/self/fd/48:0x0000000000035980",
+        "r:uprobes/r__proc_self_fd_48_0x35980_bcc_111 /proc/self/fd/48:0x0000000000035980",
+        "p:uprobes/p__proc_self_fd_7_0x35980_bcc_222 /proc/self/fd/7:0x0000000000035980",  # alive
+        # not ours:
+        "p:uprobes/p__usr_lib_libssl_so_3_0x35980_bcc_111 /usr/lib/libssl.so.3:0x0000000000035980",
+    ]
+    events.write_text("\n".join(lines) + "\n")
+    assert sweep_stale_uprobe_events(str(tmp_path), alive=lambda pid: pid == 222) == 2
+    written = events.read_text().splitlines()[len(lines) :]
+    assert written == [
+        "-:uprobes/p__proc_self_fd_48_0x35980_bcc_111",
+        "-:uprobes/r__proc_self_fd_48_0x35980_bcc_111",
+    ]
+    assert sweep_stale_uprobe_events(str(tmp_path / "none")) == 0

@@ -60,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from nginx_bench import start_nginx  # noqa: E402
 from tcp_overhead import LoadedBuild, busy_cpu_seconds, free_port, quartiles  # noqa: E402
 
 HOOKS = ("sock_send_length", "sock_recv_length")
@@ -98,27 +99,14 @@ class Nginx:
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="podnet-bench-h2-")
         self.h2_port, self.h1_port = free_port(), free_port()
-        conf = f"""
-worker_processes 1;
-daemon off;
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{
+        http = f"""
   access_log off;
   default_type text/plain;
   keepalive_requests 1000000000;
   keepalive_timeout 600s;
   server {{ listen 127.0.0.1:{self.h2_port} http2; location / {{ return 200 "ok"; }} }}
-  server {{ listen 127.0.0.1:{self.h1_port}; location / {{ return 200 "ok"; }} }}
-}}
-"""
-        Path(self.dir, "nginx.conf").write_text(conf)
-        self.proc = subprocess.Popen(
-            ["nginx", "-p", self.dir + "/", "-c", f"{self.dir}/nginx.conf", "-e", f"{self.dir}/error.log"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+  server {{ listen 127.0.0.1:{self.h1_port}; location / {{ return 200 "ok"; }} }}"""
+        self.proc = start_nginx(self.dir, http)
         wait_port(self.h2_port, "nginx")
         wait_port(self.h1_port, "nginx")
 

@@ -40,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nginx_bench import start_nginx
+
 if TYPE_CHECKING:
     from exporter.kernel.programs import RequestMode
 
@@ -122,24 +124,11 @@ class Nginx:
         self.dir = tempfile.mkdtemp(prefix="podnet-bench-nginx-")
         self.port = free_port()
         Path(self.dir, "index.html").write_bytes(b"x" * 1024)
-        conf = f"""
-worker_processes 1;
-daemon off;
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{
+        http = f"""
   access_log off;
   keepalive_requests 100000000;
-  server {{ listen 127.0.0.1:{self.port}; root {self.dir}; }}
-}}
-"""
-        Path(self.dir, "nginx.conf").write_text(conf)
-        self.proc = subprocess.Popen(
-            pinned(cpu, ["nginx", "-c", f"{self.dir}/nginx.conf", "-p", self.dir]),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+  server {{ listen 127.0.0.1:{self.port}; root {self.dir}; }}"""
+        self.proc = start_nginx(self.dir, http, prefix=pinned(cpu, []))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -83,6 +83,7 @@ from h2_cost import (  # noqa: E402
     prog_stats,
     wait_port,
 )
+from nginx_bench import start_nginx  # noqa: E402
 from tcp_overhead import free_port, quartiles  # noqa: E402
 
 CGROUP2 = (
@@ -239,28 +240,14 @@ class TlsNginx:
             capture_output=True,
         )
         tls = f"ssl_certificate {cert}; ssl_certificate_key {key};"
-        conf = f"""
-worker_processes 1;
-daemon off;
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{
+        http = f"""
   access_log {self.access_log if access_log else "off"};
   default_type text/plain;
   keepalive_requests 1000000000;
   keepalive_timeout 600s;
   server {{ listen 127.0.0.1:{self.h1_port} ssl; {tls} location / {{ return 200 "ok"; }} }}
-  server {{ listen 127.0.0.1:{self.h2_port} ssl http2; {tls} location / {{ return 200 "ok"; }} }}
-}}
-"""
-        Path(self.dir, "nginx.conf").write_text(conf)
-        self.proc = subprocess.Popen(
-            ["nginx", "-p", self.dir + "/", "-c", f"{self.dir}/nginx.conf", "-e", f"{self.dir}/error.log"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=cgroup.enter,
-        )
+  server {{ listen 127.0.0.1:{self.h2_port} ssl http2; {tls} location / {{ return 200 "ok"; }} }}"""
+        self.proc = start_nginx(self.dir, http, preexec_fn=cgroup.enter)
         wait_port(self.h1_port, "nginx")
         wait_port(self.h2_port, "nginx")
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()

@@ -311,6 +311,8 @@ class Poller:
             # One line per library (a failed one is retried only after an hour).
             self.errors["tls"] += 1
             log.warning("--tls openssl: %s", problem)
+        for lib in tls.newly_attached:
+            log.info("--tls openssl: probing %s (pid %d, inode %d)", lib.path, lib.pid, lib.ino)
         scan = tls.last_scan
         if scan is not None and scan.denied and "tls:denied" not in self._logged:
             self._logged.add("tls:denied")

@@ -135,7 +135,18 @@ def _on_overlay(path: str) -> bool:
 def _library(proc: str, pid: int, path: str, overlay: Callable[[str], bool]) -> Library:
     """Raises OSError when the file cannot be reached from here any more."""
     open_path = f"{proc}/{pid}/root{path}"
-    st = os.stat(open_path)
+    try:
+        st = os.stat(open_path)
+    except FileNotFoundError:
+        # maps shows a path from the root of the process's mount namespace: below its own
+        # root only when that root is the namespace's (pivot_root, as container runtimes do).
+        # A process chrooted in a namespace of its own shows its root's path first, as does
+        # /proc/<pid>/root: take that off.
+        root = os.readlink(f"{proc}/{pid}/root").rstrip("/")
+        if not root or not path.startswith(root + "/"):
+            raise
+        open_path = f"{proc}/{pid}/root{path[len(root) :]}"
+        st = os.stat(open_path)
     return Library(
         dev=st.st_dev,
         ino=st.st_ino,
@@ -467,9 +478,12 @@ class OpenSslProbes:
         self._next = clock()
         self.last_scan: ScanStats | None = None
         self.swept = sweep_stale_uprobe_events()
+        self.newly_attached: list[Library] = []
 
     def refresh(self) -> list[str]:
-        """One line per library that could not be probed or released, for the log."""
+        """One line per library that could not be probed or released, for the log; the
+        libraries probed since the last call are in `newly_attached`."""
+        self.newly_attached = []
         now = self._clock()
         if now < self._next:
             return []
@@ -494,10 +508,12 @@ class OpenSslProbes:
         # BCC's event names apart.
         fd = os.open(lib.open_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return attach_openssl(self._obj, replace(lib, open_path=f"/proc/self/fd/{fd}"), self._probes), fd
+            events = attach_openssl(self._obj, replace(lib, open_path=f"/proc/self/fd/{fd}"), self._probes)
         except BaseException:
             os.close(fd)
             raise
+        self.newly_attached.append(lib)
+        return events, fd
 
     def _detach(self, handle: tuple[list[bytes], int]) -> None:
         events, fd = handle

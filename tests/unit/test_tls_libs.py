@@ -143,6 +143,20 @@ def test_find_libraries_dedupes_by_file(fake: FakeProc) -> None:
     assert (stats.pids, stats.maps_read, stats.libraries, stats.dropped) == (4, 4, 2, 0)
 
 
+def test_a_chrooted_process_in_a_namespace_of_its_own(fake: FakeProc) -> None:
+    # maps (and /proc/<pid>/root) show paths from its mount namespace's root, its own root's
+    # path first: the library is found below /proc/<pid>/root all the same.
+    fake.add(40, [DEB], root="chrooted")
+    root = os.readlink(fake.proc / "40" / "root")
+    (fake.proc / "40" / "maps").write_text(line(root + DEB) + "\n")
+    (lib,) = find_libraries(str(fake.proc))[0]
+    assert lib.path == root + DEB
+    assert lib.open_path == f"{fake.proc}/40/root{DEB}"
+    # A path outside the process's root is not reachable: not a library of it.
+    (fake.proc / "40" / "maps").write_text(line("/elsewhere" + DEB) + "\n")
+    assert find_libraries(str(fake.proc))[0] == []
+
+
 def test_vanished_and_unreadable_processes_are_counted(fake: FakeProc) -> None:
     fake.add(10, [DEB])
     fake.add(11, [DEB], root="c1")

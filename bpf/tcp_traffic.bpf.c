@@ -839,7 +839,7 @@ int on_ssl_return(void *ctx)
         /* The connection's role, learnt from its socket: a server may write first (an
          * HTTP/2 server's SETTINGS). */
         if (call.role && !tls_conn_state.lookup(&call.ssl)) {
-            struct tcp_sock_info fresh = {.role = call.role};
+            struct tcp_sock_info fresh = {.role = call.role, .id = 1};
             fresh.flow.cgroup_id = call.cgroup_id;
             tls_conn_state.update(&call.ssl, &fresh);
         }
@@ -857,8 +857,14 @@ int on_ssl_return(void *ctx)
         return 0;
     struct tcp_sock_info *info = tls_conn_state.lookup(&call.ssl);
     if (!info) {
-        struct tcp_sock_info fresh = {.role = call.role};
-        fresh.flow.cgroup_id = call.cgroup_id ? call.cgroup_id : bpf_get_current_cgroup_id();
+        /* A connection never seen on its socket: its records go through memory (a memory
+         * BIO, as Python's asyncio has them) and reach the socket outside the library's
+         * calls, so the socket counts its turns; counting the plaintext as well would count
+         * each request twice. (A buffered read before any socket I/O: the next call ties.) */
+        if (!call.cgroup_id)
+            return 0;
+        struct tcp_sock_info fresh = {.role = call.role, .id = 1};
+        fresh.flow.cgroup_id = call.cgroup_id;
         tls_conn_state.update(&call.ssl, &fresh);
         info = tls_conn_state.lookup(&call.ssl);
         if (!info)

@@ -246,3 +246,32 @@ def _python_child(pid: int) -> int:
             return pid
         time.sleep(0.1)
     raise AssertionError(f"no Python under {pid}")
+
+
+def test_memory_bio_tls_is_not_counted_twice(
+    cluster: SimCluster, tls_exporter: ExporterProcess, pods_file: str, tmp_path: Path
+) -> None:
+    """asyncio's TLS (OpenSSL through a memory BIO, as aiohttp and uvicorn use it): the library's
+    calls never touch the socket, so its plaintext cannot be tied to the connection. The
+    socket's turns count the requests (protocol other), once: the plaintext is not counted."""
+    c, srv = pair(cluster, pods_file, "tlsbio")
+    ca, leaf = certs_for(tmp_path, srv.ip)
+    ready = ready_path()
+    argv = [sys.executable, SCRIPT, "server", "--asyncio", "--port", "8443", "--cert", str(leaf.cert)]
+    server = srv.popen(
+        [*argv, "--key", str(leaf.key), "--ready-file", ready],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_file(ready, proc=server)
+        argv = [sys.executable, SCRIPT, "client", "--asyncio", "--host", srv.ip, "--port", "8443"]
+        r = c.run([*argv, "--ca", str(ca.cert), "--requests", "15"], timeout=120)
+        assert json.loads(r.stdout)["counts"] == {"GET 2xx": 15}
+        s = until_counted(tls_exporter, lambda s: all(s.value(REQ, **of(p)) >= 16 for p in (c, srv)))
+    finally:
+        stop(server)
+    for pod in (c, srv):
+        assert s.value(REQ, **of(pod, protocol="http")) == 0, seen(s, pod)
+        # 15 requests, and TLS's own exchanges: the handshake, session tickets, the closing alert.
+        assert 16 <= s.value(REQ, **of(pod, protocol="other")) <= 15 + 4, seen(s, pod)

@@ -9,6 +9,7 @@ Certificates come from tests/certs.py: a CA and one leaf with the server pod's I
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import http.server
 import json
@@ -104,6 +105,41 @@ def _client(args: argparse.Namespace) -> None:
     print(json.dumps({"counts": got, "connections": len(socks)}))
 
 
+async def _asyncio_server(args: argparse.Namespace) -> None:
+    """HTTP/1.1 keep-alive over asyncio's TLS: OpenSSL through a memory BIO, the records
+    written to the socket by the event loop outside any SSL call."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.cert, args.key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            code = PY_PATHS.get(line.split()[1].decode().split("?")[0], 404)
+            writer.write(f"HTTP/1.1 {code} X\r\nContent-Length: 2\r\n\r\nok".encode())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "0.0.0.0", args.port, ssl=ctx)
+    Path(args.ready_file).write_text("ready")
+    await server.serve_forever()
+
+
+async def _asyncio_client(args: argparse.Namespace) -> None:
+    ctx = ssl.create_default_context(cafile=args.ca)
+    reader, writer = await asyncio.open_connection(args.host, args.port, ssl=ctx)
+    got: Counter[str] = Counter()
+    for i in range(args.requests):
+        writer.write(f"GET /ok?i={i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status = int((await reader.readline()).split()[1])
+        while (await reader.readline()) != b"\r\n":
+            pass
+        await reader.readexactly(2)
+        got[f"GET {status // 100}xx"] += 1
+    writer.close()
+    print(json.dumps({"counts": got, "connections": 1}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -117,8 +153,13 @@ def main() -> None:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--ca", required=True)
     c.add_argument("--requests", type=int, default=20)
+    c.add_argument("--asyncio", action="store_true", help="asyncio streams (memory BIO)")
+    s.add_argument("--asyncio", action="store_true", help="asyncio streams (memory BIO)")
     args = p.parse_args()
-    _server(args) if args.cmd == "server" else _client(args)
+    if args.asyncio:
+        asyncio.run(_asyncio_server(args) if args.cmd == "server" else _asyncio_client(args))
+    else:
+        _server(args) if args.cmd == "server" else _client(args)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from delayline import setup as delayline_setup
 from exporter_proc import ExporterProcess, Scrape
 from h2_servers import Nginx, counts, curl_h2c, nghttp, status_class
 from podsim import SimCluster, SimPod, ready_path, wait_for_file
-from test_requests import DUR, REQ, hist_mean, of, pair
-from test_tcp_metrics import finish
+from test_requests import DUR, REQ, hist_mean, of, pair, script_client, script_server
 
 HERE = Path(__file__).resolve().parent
 H2 = str(HERE / "h2_actions.py")
@@ -27,32 +26,11 @@ OPENED = "podnet_tcp_connections_opened_total"
 
 
 def grpc_server(pod: SimPod, port: int, delay_ms: float = 0) -> subprocess.Popen[bytes]:
-    ready = ready_path()
-    p = pod.popen(
-        [
-            sys.executable,
-            H2,
-            "grpc-server",
-            *("--port", str(port), "--delay-ms", str(delay_ms)),
-            "--ready-file",
-            ready,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    wait_for_file(ready, proc=p)
-    return p
+    return script_server(pod, [H2, "grpc-server"], port, delay_ms)
 
 
 def grpc_client(pod: SimPod, host: str, port: int, *args: object) -> dict[str, object]:
-    return finish(
-        pod.popen(
-            [sys.executable, H2, "grpc-client", "--host", host, "--port", str(port), *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        ),
-        timeout=120,
-    )
+    return script_client(pod, [H2, "grpc-client"], host, port, *args, timeout=120)
 
 
 def stop(p: subprocess.Popen[bytes]) -> None:

@@ -17,20 +17,11 @@ REQ = "podnet_requests_total"
 DUR = "podnet_request_duration_seconds"
 
 
-def http_server(pod: SimPod, port: int, delay_ms: float = 0) -> subprocess.Popen[bytes]:
+def script_server(pod: SimPod, argv: list[str], port: int, delay_ms: float = 0) -> subprocess.Popen[bytes]:
+    """`python <argv> --port P --delay-ms D --ready-file F` in the pod, once it is listening."""
     ready = ready_path()
     p = pod.popen(
-        [
-            sys.executable,
-            HTTP,
-            "server",
-            "--port",
-            str(port),
-            "--delay-ms",
-            str(delay_ms),
-            "--ready-file",
-            ready,
-        ],
+        [sys.executable, *argv, "--port", str(port), "--delay-ms", str(delay_ms), "--ready-file", ready],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -38,14 +29,26 @@ def http_server(pod: SimPod, port: int, delay_ms: float = 0) -> subprocess.Popen
     return p
 
 
-def http_client(pod: SimPod, host: str, port: int, *args: object) -> dict[str, object]:
+def script_client(
+    pod: SimPod, argv: list[str], host: str, port: int, *args: object, timeout: float = 60
+) -> dict[str, object]:
+    """`python <argv> --host H --port P <args>` in the pod: its JSON summary."""
     return finish(
         pod.popen(
-            [sys.executable, HTTP, "client", "--host", host, "--port", str(port), *map(str, args)],
+            [sys.executable, *argv, "--host", host, "--port", str(port), *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )
+        ),
+        timeout=timeout,
     )
+
+
+def http_server(pod: SimPod, port: int, delay_ms: float = 0) -> subprocess.Popen[bytes]:
+    return script_server(pod, [HTTP, "server"], port, delay_ms)
+
+
+def http_client(pod: SimPod, host: str, port: int, *args: object) -> dict[str, object]:
+    return script_client(pod, [HTTP, "client"], host, port, *args)
 
 
 def of(pod: SimPod, **labels: str) -> dict[str, str]:

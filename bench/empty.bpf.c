@@ -10,3 +10,9 @@ int on_sock_recv_length(u64 *ctx)
 {
     return 0;
 }
+
+/* An empty uprobe program (bench/tls_cost.py: what a uprobe costs by itself). */
+int on_uprobe(void *ctx)
+{
+    return 0;
+}

@@ -405,34 +405,6 @@ def cpu_rounds(
     }
 
 
-FLOOR_C = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-/* Three functions that differ only in their first instruction, where a uprobe goes: the
- * kernel emulates nop and push (x86 uprobes), and single-steps `sub $0x18,%rsp` out of line
- * (OpenSSL 3's SSL_read and SSL_write start with it). */
-__attribute__((noinline, naked)) long f_nop(long x) { asm volatile("nop\n\tlea 1(%rdi),%rax\n\tret"); }
-__attribute__((noinline, naked)) long f_push(long x)
-{ asm volatile("push %rbp\n\tpop %rbp\n\tlea 1(%rdi),%rax\n\tret"); }
-__attribute__((noinline, naked)) long f_sub(long x)
-{ asm volatile("sub $0x18,%rsp\n\tadd $0x18,%rsp\n\tlea 1(%rdi),%rax\n\tret"); }
-int main(int argc, char **argv)
-{
-    long (*fn)(long) = argv[1][0] == 'n' ? f_nop : argv[1][0] == 'p' ? f_push : f_sub;
-    int n = atoi(argv[2]);
-    long s = 0;
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int i = 0; i < n; i++)
-        s += fn(i);
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    printf("%.1f %ld\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n, s);
-    return 0;
-}
-"""
-
-
 def uprobe_floor(calls: int) -> dict[str, Any]:
     """ns per call of a function with an empty BPF program on a uprobe at its entry (and with
     a uretprobe too, as --tls openssl attaches them), by the function's first instruction."""
@@ -446,10 +418,9 @@ def uprobe_floor(calls: int) -> dict[str, Any]:
 
     d = tempfile.mkdtemp(prefix="podnet-bench-uprobe-")
     try:
-        Path(d, "f.c").write_text(FLOOR_C)
         exe = f"{d}/f"
-        subprocess.run(["gcc", "-O2", "-o", exe, f"{d}/f.c"], check=True)
-        bpf = BPF(text=b"int probe(void *ctx) { return 0; }", cflags=["-w"])
+        subprocess.run(["gcc", "-O2", "-o", exe, str(REPO / "bench/uprobe_floor.c")], check=True)
+        bpf = BPF(src_file=str(REPO / "bench/empty.bpf.c").encode(), cflags=["-w"])
 
         def per_call(which: str) -> float:
             out = subprocess.run([exe, which, str(calls)], check=True, capture_output=True, text=True)
@@ -459,9 +430,9 @@ def uprobe_floor(calls: int) -> dict[str, Any]:
         for which in ("nop", "push", "sub"):
             sym = f"f_{which}".encode()
             row = {"none": per_call(which)}
-            bpf.attach_uprobe(name=exe.encode(), sym=sym, fn_name=b"probe")
+            bpf.attach_uprobe(name=exe.encode(), sym=sym, fn_name=b"on_uprobe")
             row["uprobe"] = per_call(which)
-            bpf.attach_uretprobe(name=exe.encode(), sym=sym, fn_name=b"probe")
+            bpf.attach_uretprobe(name=exe.encode(), sym=sym, fn_name=b"on_uprobe")
             row["uprobe+uretprobe"] = per_call(which)
             bpf.detach_uretprobe(name=exe.encode(), sym=sym)
             bpf.detach_uprobe(name=exe.encode(), sym=sym)

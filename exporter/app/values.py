@@ -178,32 +178,31 @@ def _choice(choices: Sequence[str]) -> Callable[[_Given], str]:
     return parse
 
 
-def _request_mode(given: _Given) -> RequestMode:
-    # A boolean (YAML true/false, PODNET_REQUESTS=false) reads as http / off.
+def _mode_or_boolean(given: _Given, modes: tuple[str, ...], on: str, off: str) -> str:
+    """One of `modes`; a boolean (YAML true/false, env true/false) reads as `on` / `off`."""
     value = given.value
     if isinstance(value, str):
         value = value.strip().lower()
-        for mode in REQUEST_MODES:
-            if value == mode:
-                return mode
+        if value in modes:
+            return value
         value = True if value in _TRUE else False if value in _FALSE else value
     if isinstance(value, bool):
-        return "http" if value else "off"
-    raise given.error("must be " + ", ".join(REQUEST_MODES[:-1]) + " or " + REQUEST_MODES[-1])
+        return on if value else off
+    raise ValueError
+
+
+def _request_mode(given: _Given) -> RequestMode:
+    try:
+        return _mode_or_boolean(given, REQUEST_MODES, "http", "off")  # type: ignore[return-value]
+    except ValueError:
+        raise given.error("must be " + ", ".join(REQUEST_MODES[:-1]) + " or " + REQUEST_MODES[-1]) from None
 
 
 def _tls_mode(given: _Given) -> TlsMode:
-    # A boolean (YAML true/false, PODNET_TLS=true) reads as openssl / off.
-    value = given.value
-    if isinstance(value, str):
-        value = value.strip().lower()
-        for mode in TLS_MODES:
-            if value == mode:
-                return mode
-        value = True if value in _TRUE else False if value in _FALSE else value
-    if isinstance(value, bool):
-        return "openssl" if value else "off"
-    raise given.error("must be " + " or ".join(TLS_MODES), "openssl")
+    try:
+        return _mode_or_boolean(given, TLS_MODES, "openssl", "off")  # type: ignore[return-value]
+    except ValueError:
+        raise given.error("must be " + " or ".join(TLS_MODES), "openssl") from None
 
 
 def _boolean(given: _Given) -> bool:

@@ -1184,10 +1184,11 @@ def test_generated_web_config_is_accepted_by_the_exporter(chart: helm.Chart, tmp
     leaf.key.rename(tls_dir / "tls.key")
     client_ca.cert.rename(ca_dir / "ca.crt")
     values = {"web": {**MTLS["web"], **BASIC_AUTH["web"]}}
-    text = render(chart, values).web_config_text
-    text = text.replace("/etc/podnet-web-tls", str(tls_dir)).replace("/etc/podnet-web-client-ca", str(ca_dir))
+    rendered = render(chart, values).web_config_text
+    config = rendered.replace("/etc/podnet-web-tls", str(tls_dir))
+    config = config.replace("/etc/podnet-web-client-ca", str(ca_dir))
     path = tmp_path / "web-config.yml"
-    path.write_text(text)
+    path.write_text(config)
     loaded = web_config.load_web_config(str(path))
     assert loaded.tls is not None and loaded.tls.client_auth_type == "RequireAndVerifyClientCert"
     assert loaded.tls.client_ca_file == str(ca_dir / "ca.crt")
